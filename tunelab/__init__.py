@@ -1,0 +1,30 @@
+"""tunelab: fine-tune pretrained transformers on real NLP tasks."""
+
+__version__ = "0.1.0"
+
+
+def train(config=None, overrides=(), *, train=None, dev=None, test=None, resume=False, overwrite=False, **values):
+    """Python entry point: `tunelab.train("recipe.yaml", ["train.lr=3e-5"])` or
+    `tunelab.train(task="classify", model={"name": ...}, train=[{"text":..., "label":...}, ...], dev=...)`.
+
+    In-memory `train`/`dev`/`test` may be lists of records or a Hugging Face `datasets.Dataset`.
+    """
+    from tunelab.config import load_config
+    from tunelab.data import Splits, from_hf_dataset, from_records
+    from tunelab.train import train as run
+
+    has_data = train is not None
+    if has_data:
+        values.setdefault("data", {}).setdefault("train", "<memory>")
+    cfg = load_config(config, overrides, values or None)
+    splits = None
+    if has_data:
+        def conv(x):
+            if x is None:
+                return []
+            if hasattr(x, "column_names") and hasattr(x, "features"):
+                return from_hf_dataset(x, cfg.task)
+            return from_records(list(x), cfg.task)
+
+        splits = Splits(conv(train), conv(dev), conv(test), {"source": "in-memory"})
+    return run(cfg, splits, resume=resume, overwrite=overwrite)

@@ -1,0 +1,192 @@
+"""The run schema: dataclasses with defaults, filled from YAML, overridden by `key.sub=value` arguments.
+
+Unknown keys and wrong types are errors naming the key. The resolved config is saved beside every model.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tunelab.errors import TunelabError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "all-MiniLM-L6-v2"  # a packaged model name (tunelab.models.PACKAGED) or a local folder
+    max_length: int = 256  # sub-word tokens per sequence, [CLS]/[SEP] included
+    dropout: float | None = None  # overrides the backbone's hidden/attention dropout when set
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None  # built-in name (conll2003, msra, bbc_news, chn_sentiment), or use the paths
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    format: str | None = None  # conll | jsonl | csv; from the file extension when unset
+    text_field: str = "text"
+    label_field: str = "label"
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
+    tag_column: int = -1
+    tag_scheme: str = "iob2"  # scheme of the input files; converted to IOB2
+    context_sentences: int = 0  # NER: up to this many neighbouring sentences of the same document as context
+    max_train_examples: int | None = None  # first N training examples (quick runs)
+    max_eval_examples: int | None = None  # first N dev examples
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 5e-5
+    head_lr: float | None = None  # the new task head often wants a larger rate; None = lr
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    warmup_ratio: float = 0.1
+    scheduler: str = "linear"  # linear | cosine | constant
+    max_grad_norm: float | None = 1.0
+    group_by_length: bool = True
+    seed: int = 42
+    bf16: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 0  # steps between dev evaluations; 0 = once per epoch
+    save_every: int = 0  # steps between resumable checkpoints; 0 = at each evaluation
+    patience: int | None = None  # stop after this many evaluations without dev improvement
+    threads: int | None = None  # torch CPU threads; None = torch's default
+
+
+@dataclass
+class RunConfig:
+    task: str = "ner"  # ner | classify
+    output_dir: str = "runs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+TASKS = ("ner", "classify")
+CHOICES = {"task": TASKS, "train.scheduler": ("linear", "cosine", "constant"),
+           "data.format": (None, "conll", "jsonl", "csv"),
+           "data.tag_scheme": ("iob2", "iob1", "bioes", "bilou", "bmes")}
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; YAML ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except TunelabError:
+                pass
+        raise TunelabError(f"config key {key!r}: expected {_name(tp)}, got {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string; a float is plainly meant.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise TunelabError(f"config key {key!r}: expected {_name(tp)}, got {value!r}")
+    return value
+
+
+def _name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _fill(obj, values: dict, prefix: str, source: str):
+    if not isinstance(values, dict):
+        raise TunelabError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise TunelabError(f"{source}: unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            _fill(current, v, key + ".", source)
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def _validate(cfg: RunConfig):
+    for key, allowed in CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise TunelabError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    t = cfg.train
+    checks = [("train.epochs", t.epochs > 0), ("train.batch_size", t.batch_size > 0),
+              ("train.grad_accum", t.grad_accum > 0), ("train.lr", t.lr > 0),
+              ("train.warmup_ratio", 0 <= t.warmup_ratio < 1), ("model.max_length", cfg.model.max_length >= 8),
+              ("data.context_sentences", cfg.data.context_sentences >= 0)]
+    for key, ok in checks:
+        if not ok:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise TunelabError(f"config key {key!r}: {value!r} is out of range")
+    if cfg.data.dataset is None and cfg.data.train is None:
+        raise TunelabError("config: set data.dataset (a built-in set) or data.train (a file)")
+
+
+def parse_override(arg: str) -> tuple[list[str], object]:
+    if "=" not in arg:
+        raise TunelabError(f"override {arg!r}: expected key.sub=value")
+    key, raw = arg.split("=", 1)
+    # YAML parsing gives numbers, booleans and null the same meaning they have in a recipe file.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path=None, overrides=(), base: dict | None = None) -> RunConfig:
+    """RunConfig from an optional YAML file, an optional dict, then `key.sub=value` overrides."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise TunelabError(f"{path}: no such recipe file")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise TunelabError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        _fill(cfg, values, "", str(path))
+    if base:
+        _fill(cfg, base, "", "config")
+    for arg in overrides:
+        keys, value = parse_override(arg)
+        nested = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _fill(cfg, nested, "", f"override {arg!r}")
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,128 @@
+"""Reading task data: built-in sets, files (CoNLL, JSONL, CSV), in-memory lists and `datasets` objects."""
+
+from pathlib import Path
+
+from tunelab.data.conll import read_conll
+from tunelab.data.examples import Sentence, TextExample
+from tunelab.data.packaged import Splits, load_builtin
+from tunelab.data.text import read_csv, read_jsonl, read_jsonl_sentences, read_lines
+from tunelab.errors import TunelabError
+
+__all__ = ["Sentence", "TextExample", "Splits", "load_builtin", "read_file", "load_splits", "from_records",
+           "from_hf_dataset", "check_labels"]
+
+
+def file_format(path, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    suffix = Path(path).suffix.lower()
+    for name, suffixes in {"conll": (".conll", ".txt", ".iob", ".bio", ".tsv_ner"), "jsonl": (".jsonl", ".json"),
+                           "csv": (".csv", ".tsv")}.items():
+        if suffix in suffixes:
+            return name
+    raise TunelabError(f"{path}: cannot tell the format from the extension {suffix!r}; set data.format "
+                       "(conll, jsonl or csv)")
+
+
+def read_file(path, task: str, fmt: str | None = None, labelled: bool = True, *, text_field="text",
+              label_field="label", tokens_field="tokens", tags_field="tags", tag_column=-1, tag_scheme="iob2"):
+    fmt = file_format(path, fmt)
+    if task == "ner":
+        if fmt == "conll":
+            return read_conll(path, tag_column, tag_scheme, labelled)
+        if fmt == "jsonl":
+            return read_jsonl_sentences(path, tokens_field, tags_field, labelled, tag_scheme)
+        raise TunelabError(f"{path}: NER data must be CoNLL columns or JSONL with {tokens_field!r}/{tags_field!r}")
+    if fmt == "jsonl":
+        return read_jsonl(path, text_field, label_field, labelled)
+    if fmt == "csv":
+        return read_csv(path, text_field, label_field, labelled)
+    if not labelled:
+        return read_lines(path)
+    raise TunelabError(f"{path}: classification data must be JSONL or CSV with {text_field!r} and {label_field!r}")
+
+
+def load_splits(data, task: str) -> Splits:
+    """Splits from a DataConfig: a built-in set, or train/dev/test files (dev and test optional)."""
+    if data.dataset:
+        splits = load_builtin(data.dataset)
+        kind = Sentence if task == "ner" else TextExample
+        if not isinstance(splits.train[0], kind):
+            raise TunelabError(f"data.dataset={data.dataset} is a {'NER' if kind is TextExample else 'classification'}"
+                               f" set, but task={task}")
+    else:
+        kw = dict(text_field=data.text_field, label_field=data.label_field, tokens_field=data.tokens_field,
+                  tags_field=data.tags_field, tag_column=data.tag_column, tag_scheme=data.tag_scheme)
+        splits = Splits(*(read_file(p, task, data.format, **kw) if p else [] for p in (data.train, data.dev, data.test)),
+                        {"files": {"train": data.train, "dev": data.dev, "test": data.test}})
+    if data.max_train_examples:
+        splits.train = splits.train[: data.max_train_examples]
+    if data.max_eval_examples:
+        splits.dev = splits.dev[: data.max_eval_examples]
+    return splits
+
+
+def check_labels(train: list, others: dict[str, list]) -> list[str]:
+    """The label list from training data; a dev/test label never seen in training is an error naming where."""
+    from tunelab.data.tags import label_list
+
+    if not train:
+        raise TunelabError("no training examples")
+    if isinstance(train[0], Sentence):
+        labels = label_list(s.tags for s in train)
+        for split, examples in others.items():
+            for s in examples:
+                for w, t in zip(s.words, s.tags or []):
+                    if t not in labels:
+                        raise TunelabError(f"{s.source}:{s.line}: {split} sentence has tag {t!r} (word {w!r}) that "
+                                           f"never occurs in training; known tags: {', '.join(labels)}")
+        return labels
+    labels = sorted({e.label for e in train})
+    if len(labels) < 2:
+        raise TunelabError(f"training data has {len(labels)} distinct label(s); classification needs at least 2")
+    for split, examples in others.items():
+        for e in examples:
+            if e.label is not None and e.label not in labels:
+                raise TunelabError(f"{e.source}:{e.line}: {split} label {e.label!r} never occurs in training; "
+                                   f"known labels: {', '.join(labels)}")
+    return labels
+
+
+def from_records(records: list, task: str) -> list:
+    """In-memory data: NER records {"tokens": [...], "tags": [...]} (or (tokens, tags) pairs), classification
+    records {"text": ..., "label": ...} (or (text, label) pairs)."""
+    out = []
+    for i, r in enumerate(records):
+        if isinstance(r, (Sentence, TextExample)):
+            out.append(r)
+            continue
+        if task == "ner":
+            words, tags = (r.get("tokens"), r.get("tags")) if isinstance(r, dict) else r
+            if not words or (tags is not None and len(tags) != len(words)):
+                raise TunelabError(f"record {i}: needs non-empty tokens and one tag per token")
+            out.append(Sentence(list(words), list(tags) if tags is not None else None, i, "<memory>", i))
+        else:
+            text, label = (r.get("text"), r.get("label")) if isinstance(r, dict) else r
+            if not isinstance(text, str) or not text.strip():
+                raise TunelabError(f"record {i}: text must be a non-empty string")
+            out.append(TextExample(text, None if label is None else str(label), "<memory>", i))
+    return out
+
+
+def from_hf_dataset(ds, task: str, tokens_field="tokens", tags_field="ner_tags", text_field="text",
+                    label_field="label") -> list:
+    """A Hugging Face `datasets.Dataset`; integer ClassLabel columns are turned into their names."""
+    cols = ds.column_names
+    if task == "ner":
+        if tokens_field not in cols or tags_field not in cols:
+            raise TunelabError(f"dataset has columns {cols}; need {tokens_field!r} and {tags_field!r}")
+        feat = ds.features[tags_field]
+        names = getattr(getattr(feat, "feature", None), "names", None)
+        recs = [{"tokens": r[tokens_field], "tags": [names[t] for t in r[tags_field]] if names else r[tags_field]}
+                for r in ds]
+    else:
+        if text_field not in cols or label_field not in cols:
+            raise TunelabError(f"dataset has columns {cols}; need {text_field!r} and {label_field!r}")
+        names = getattr(ds.features[label_field], "names", None)
+        recs = [{"text": r[text_field], "label": names[r[label_field]] if names else r[label_field]} for r in ds]
+    return from_records(recs, task)

@@ -1,0 +1,49 @@
+"""Batches: dynamic padding (to the longest sequence in the batch, never to a fixed length) and
+length-grouped batch order, so that little compute is spent on padding."""
+
+import random
+
+import torch
+
+
+def collate(features: list[dict], pad_id: int) -> dict:
+    """input_ids/attention_mask: (batch, longest); labels: (batch, longest) with -100 padding, or (batch,)."""
+    longest = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), longest), dtype=torch.long)
+    token_labels = isinstance(features[0]["labels"], list)
+    labels = torch.full((len(features), longest), -100, dtype=torch.long) if token_labels else \
+        torch.tensor([f["labels"] for f in features], dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        mask[i, :n] = 1
+        if token_labels:
+            labels[i, :n] = torch.tensor(f["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
+                  mega: int = 64) -> list[list[int]]:
+    """The batch order of one epoch, a pure function of (seed, epoch) so that a resumed run replays it.
+
+    Length grouping: shuffle, cut into mega-batches of `mega` batches, sort each by length, batch, then
+    shuffle the batches; examples meet different neighbours every epoch yet each batch is nearly uniform.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        size = batch_size * mega
+        order = [i for k in range(0, len(order), size)
+                 for i in sorted(order[k:k + size], key=lambda j: -lengths[j])]
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches
+
+
+def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Sorted by length for inference: the least padding possible."""
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]

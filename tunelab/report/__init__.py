@@ -1,0 +1,116 @@
+"""Run reports: report.json (everything), report.md (for people), curves.png (loss, learning rate, dev
+metric), confusion.png for classification."""
+
+from pathlib import Path
+
+from tunelab.io import atomic_write_json, atomic_write_text
+
+
+def write_report(out, report: dict) -> None:
+    out = Path(out)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", markdown(report))
+    plot_curves(out / "curves.png", report)
+    for split in ("test", "dev"):
+        if report.get(split) and "confusion" in report[split]:
+            plot_confusion(out / "confusion.png", report[split]["confusion"], split)
+            break
+
+
+def metrics_table(m: dict) -> str:
+    """Markdown table of one split's metrics (entity or classification)."""
+    if "per_type" in m:
+        rows = ["| type | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+        for name, v in list(m["per_type"].items()) + [("**micro**", m["micro"]), ("macro", m["macro"])]:
+            rows.append(f"| {name} | {v['precision'] * 100:.2f} | {v['recall'] * 100:.2f} | {v['f1'] * 100:.2f} "
+                        f"| {v['support']} |")
+        rows.append(f"\nToken accuracy (secondary): {m['token_accuracy'] * 100:.2f}")
+        return "\n".join(rows)
+    rows = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name, v in m["per_class"].items():
+        rows.append(f"| {name} | {v['precision'] * 100:.2f} | {v['recall'] * 100:.2f} | {v['f1'] * 100:.2f} "
+                    f"| {v['support']} |")
+    rows.append(f"\nAccuracy {m['accuracy'] * 100:.2f}, macro-F1 {m['macro_f1'] * 100:.2f}\n")
+    labels = m["confusion"]["labels"]
+    rows += ["Confusion (rows gold, columns predicted):", "", "| | " + " | ".join(labels) + " |",
+             "|---" * (len(labels) + 1) + "|"]
+    for lab, row in zip(labels, m["confusion"]["matrix"]):
+        rows.append(f"| {lab} | " + " | ".join(map(str, row)) + " |")
+    return "\n".join(rows)
+
+
+def markdown(r: dict) -> str:
+    main = "entity micro-F1" if r["task"] == "ner" else "macro-F1"
+    lines = [f"# tunelab report: {r['task']} with {r['model']}", ""]
+    if r.get("data"):
+        lines += [f"Data: {r['data']}", ""]
+    lines += [f"Examples: {r['sizes']['train']} train / {r['sizes']['dev']} dev / {r['sizes']['test']} test. "
+              f"Seed {r['seed']}. {r['steps']} of {r['total_steps']} steps"
+              + (" (stopped early)" if r["stopped_early"] else "") + f", {r['train_seconds']:.0f} s of training, "
+              f"{r['tokens_per_second']:.0f} real tokens/s, padding {r['padding_share'] * 100:.1f} % of batch slots.",
+              ""]
+    if r.get("dev"):
+        lines += [f"## Dev (selected checkpoint: step {r['best_step']}, {main} {r['dev']['main'] * 100:.2f})", "",
+                  metrics_table(r["dev"]), ""]
+    if r.get("test"):
+        lines += [f"## Test (evaluated once, on the selected checkpoint): {main} {r['test']['main'] * 100:.2f}", "",
+                  metrics_table(r["test"]), ""]
+    lines += ["![training curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(path, r: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = r["history"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    steps = [h["step"] for h in hist]
+    axes[0].plot(steps, [h["loss"] for h in hist], lw=0.8)
+    axes[0].set(title="training loss", xlabel="step", yscale="log")
+    axes[1].plot(steps, [h["lr"] for h in hist])
+    axes[1].set(title="learning rate", xlabel="step")
+    if r["evals"]:
+        axes[2].plot([e["step"] for e in r["evals"]], [e["dev"] for e in r["evals"]], marker="o")
+        if r.get("best_step"):
+            axes[2].axvline(r["best_step"], color="grey", ls="--", lw=0.8)
+    axes[2].set(title="dev " + ("entity F1" if r["task"] == "ner" else "macro-F1"), xlabel="step")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_confusion(path, conf: dict, split: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, m = conf["labels"], conf["matrix"]
+    size = max(4, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(m, cmap="Blues")
+    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xlabel="predicted", ylabel="gold",
+           title=f"confusion ({split})")
+    ax.set_xticklabels(labels, rotation=45, ha="right")
+    ax.set_yticklabels(labels)
+    top = max(max(row) for row in m) or 1
+    for i, row in enumerate(m):
+        for j, v in enumerate(row):
+            ax.text(j, i, v, ha="center", va="center", color="white" if v > top / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from tunelab.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

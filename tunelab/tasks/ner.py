@@ -1,0 +1,177 @@
+"""Named-entity recognition as token classification.
+
+Sub-word alignment: a word's label goes on its first sub-token; later sub-tokens, special tokens and context
+words get -100 (no loss). Sentences longer than the model's limit are cut into windows at word boundaries,
+never truncated: disjoint windows for training, overlapping ones for prediction, where each word is read
+from the window in which it sits farthest from an edge.
+"""
+
+import re
+
+import numpy as np
+
+from tunelab.data.examples import Sentence
+from tunelab.data.tags import repair_iob2
+
+IGNORE = -100
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a sequence ([CLS] / [SEP] for BERT, <s> / </s> ...)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    return [], []
+
+
+def word_pieces(tokenizer, sentences: list[list[str]]) -> list[list[list[int]]]:
+    """Sub-token ids of every word, tokenised in one fast batch call. A word that yields no sub-token
+    (a stray control character) becomes [UNK], so that every word can carry its label."""
+    enc = tokenizer(sentences, is_split_into_words=True, add_special_tokens=False)
+    unk = [tokenizer.unk_token_id] if tokenizer.unk_token_id is not None else []
+    out = []
+    for i, words in enumerate(sentences):
+        pieces = [[] for _ in words]
+        for tok, w in zip(enc["input_ids"][i], enc.word_ids(i)):
+            if w is not None:
+                pieces[w].append(tok)
+        out.append([p if p else list(unk) for p in pieces])
+    return out
+
+
+def windows(counts: list[int], budget: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Cut a sequence of words (with sub-token `counts`) into windows of at most `budget` sub-tokens.
+
+    Returns (start, end, core_start, core_end) word ranges; the cores partition the words. With
+    `overlap` > 0 consecutive windows share about that many sub-tokens and the core boundary sits in the
+    middle of the shared part. A single word longer than the budget gets a window of its own (its pieces
+    are clipped by the caller).
+    """
+    n = len(counts)
+    spans = []
+    start = 0
+    while True:
+        end, used = start, 0
+        while end < n and (used + counts[end] <= budget or end == start):
+            used += counts[end]
+            end += 1
+        spans.append((start, end))
+        if end >= n:
+            break
+        nxt = end
+        shared = 0
+        while overlap and nxt - 1 > start and shared + counts[nxt - 1] <= overlap:
+            nxt -= 1
+            shared += counts[nxt]
+        start = nxt
+    out = []
+    for i, (s, e) in enumerate(spans):
+        core_s = 0 if i == 0 else (s + spans[i - 1][1]) // 2
+        core_e = n if i == len(spans) - 1 else (spans[i + 1][0] + e) // 2
+        out.append((s, e, core_s, core_e))
+    return out
+
+
+class NerTask:
+    kind = "ner"
+
+    def __init__(self, tokenizer, labels: list[str], max_length: int, context_sentences: int = 0):
+        self.tokenizer = tokenizer
+        self.labels = labels
+        self.label2id = {label: i for i, label in enumerate(labels)}
+        self.max_length = max_length
+        self.context_sentences = context_sentences
+        self.prefix, self.suffix = special_tokens(tokenizer)
+        self.budget = max_length - len(self.prefix) - len(self.suffix)
+
+    def encode(self, sentences: list[Sentence], training: bool) -> list[dict]:
+        pieces = word_pieces(self.tokenizer, [s.words for s in sentences])
+        overlap = 0 if training else self.budget // 4
+        feats = []
+        for i, sent in enumerate(sentences):
+            counts = [len(p) for p in pieces[i]]
+            spans = windows(counts, self.budget, overlap)
+            for start, end, core_s, core_e in spans:
+                left, right = ([], [])
+                if len(spans) == 1 and self.context_sentences:
+                    left, right = self._context(sentences, pieces, i, self.budget - sum(counts))
+                ids, labels, positions = list(self.prefix) + left, [IGNORE] * (len(self.prefix) + len(left)), []
+                for w in range(start, end):
+                    p = pieces[i][w][: self.budget]
+                    if core_s <= w < core_e:
+                        positions.append((w, len(ids)))
+                        gold = self.label2id[sent.tags[w]] if sent.tags is not None else IGNORE
+                        labels.extend([gold] + [IGNORE] * (len(p) - 1))
+                    else:
+                        labels.extend([IGNORE] * len(p))
+                    ids.extend(p)
+                ids += right + list(self.suffix)
+                labels += [IGNORE] * (len(right) + len(self.suffix))
+                feats.append({"input_ids": ids, "labels": labels, "example": i, "positions": positions})
+        return feats
+
+    def _context(self, sentences, pieces, i, room) -> tuple[list[int], list[int]]:
+        """Sub-tokens of up to `context_sentences` whole neighbouring sentences on each side, from the same
+        document, nearest first, while they fit in `room`."""
+        left, right = [], []
+        doc = sentences[i].doc
+        for d in range(1, self.context_sentences + 1):
+            for j, side in ((i - d, "left"), (i + d, "right")):
+                if 0 <= j < len(sentences) and sentences[j].doc == doc and sentences[j].source == sentences[i].source:
+                    ids = [t for p in pieces[j] for t in p]
+                    if len(ids) <= room:
+                        room -= len(ids)
+                        if side == "left":
+                            left = ids + left
+                        else:
+                            right = right + ids
+        return left, right
+
+    def decode(self, features, logits, n_examples):
+        """Per example: (tags, scores) for every word; tags repaired to valid IOB2."""
+        tags = [dict() for _ in range(n_examples)]
+        for feat, lg in zip(features, logits):
+            lg = np.asarray(lg, dtype=np.float32)
+            probs = np.exp(lg - lg.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            for w, pos in feat["positions"]:
+                k = int(probs[pos].argmax())
+                tags[feat["example"]][w] = (self.labels[k], float(probs[pos, k]))
+        out = []
+        for t in tags:
+            words = [t[w] for w in range(len(t))]
+            out.append((repair_iob2([x[0] for x in words]), [x[1] for x in words]))
+        return out
+
+    def metrics(self, sentences, predictions) -> dict:
+        from tunelab.metrics import entity_metrics
+
+        return entity_metrics([s.tags for s in sentences], [p[0] for p in predictions])
+
+
+# One CJK character is one word, as BERT's basic tokenizer treats it; elsewhere runs of word characters and
+# single punctuation marks.
+_WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]|[^\W_]+|\S")
+
+
+def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Words of raw text with their (start, end) character offsets."""
+    words, offsets = [], []
+    for m in _WORD.finditer(text):
+        words.append(m.group())
+        offsets.append(m.span())
+    return words, offsets
+
+
+def entity_spans(tags: list[str]) -> list[tuple[str, int, int]]:
+    """(type, first word, last word + 1) of each IOB2 entity."""
+    spans, cur = [], None
+    for i, tag in enumerate(tags + ["O"]):
+        if cur and not (tag.startswith("I-") and tag[2:] == cur[0]):
+            spans.append((cur[0], cur[1], i))
+            cur = None
+        if tag.startswith("B-") or (tag.startswith("I-") and cur is None):
+            cur = (tag[2:], i)
+    return spans

@@ -1,0 +1,44 @@
+"""AdamW with the usual exemptions, and the learning-rate schedule."""
+
+import math
+
+import torch
+
+
+def param_groups(model, lr: float, weight_decay: float, head_lr: float | None = None, head_prefix="classifier"):
+    """No weight decay on biases and LayerNorm weights (decaying them only hurts); the task head optionally
+    at its own rate, since it starts from random weights."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name or name.endswith(".bias")
+        is_head = name.startswith(head_prefix) and head_lr is not None
+        key = (is_head, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr": head_lr if is_head else lr}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Linear warmup to the peak, then linear or cosine decay to 0 (or constant)."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+def build_optimizer(model, lr, weight_decay, head_lr, scheduler, warmup_steps, total_steps):
+    opt = torch.optim.AdamW(param_groups(model, lr, weight_decay, head_lr), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(scheduler, warmup_steps, total_steps))
+    return opt, sched

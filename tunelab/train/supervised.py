@@ -1,0 +1,219 @@
+"""Supervised fine-tuning (NER or text classification) as one readable loop.
+
+data -> features -> length-grouped batches -> AdamW steps with warmup/decay, clipping and accumulation ->
+dev evaluation -> best weights kept, early stopping -> atomic checkpoints -> test once on the selected
+weights -> model folder that plain transformers loads, with report.
+"""
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from tunelab import config as config_mod
+from tunelab.data import Splits, check_labels, load_splits
+from tunelab.data.batching import collate, epoch_batches
+from tunelab.errors import TunelabError
+from tunelab.io import atomic_write_json, atomic_write_text
+from tunelab.models import load_model, load_tokenizer, resolve_model_path
+from tunelab.predict import META_FILE, autocast, pick_device, predict
+from tunelab.tasks import make_task
+from tunelab.train import checkpoint
+from tunelab.train.optim import build_optimizer
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[tunelab] {msg}", file=sys.stderr)
+
+
+def prepare_output(out: Path, cfg, resume: bool, overwrite: bool) -> None:
+    saved = out / "config.yaml"
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif resume:
+            if saved.is_file():
+                old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+                new = config_mod.to_dict(cfg)
+                diff = [k for k in _flat(new) if _flat(old).get(k) != _flat(new)[k]]
+                if diff:
+                    raise TunelabError(f"--resume: the config differs from the one {out} was started with "
+                                       f"({', '.join(diff)}); resume with the same recipe and overrides")
+        else:
+            raise TunelabError(f"output_dir {out} already holds files; pass --resume to continue that run or "
+                               "--overwrite to start again (or set output_dir=...)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, config_mod.to_yaml(cfg))
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run one fine-tuning job; returns the report (also written to cfg.output_dir)."""
+    out = Path(cfg.output_dir)
+    prepare_output(out, cfg, resume, overwrite)
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    device = pick_device(tc.device)
+
+    # Data and labels: a dev/test label never seen in training is an error, not a silent zero.
+    splits = splits if splits is not None else load_splits(cfg.data, cfg.task)
+    labels = check_labels(splits.train, {"dev": splits.dev, "test": splits.test})
+
+    # Model: pretrained backbone + fresh head whose id2label is our label list.
+    path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    model = load_model(path, cfg.task, labels, cfg.model.dropout, cfg.model.trust_remote_code).to(device)
+    max_length = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
+    task = make_task(cfg.task, tokenizer, labels, max_length, cfg.data.context_sentences)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    features = task.encode(splits.train, training=True)
+    lengths = [len(f["input_ids"]) for f in features]
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg.task}: {len(splits.train)} train / {len(splits.dev)} dev / {len(splits.test)} test examples, "
+        f"{len(labels)} labels; {len(features)} training sequences, {sum(lengths):,} tokens; "
+        f"model {path} ({n_params / 1e6:.1f}M params) on {device}")
+    if getattr(task, "truncated", 0):
+        log(f"{task.truncated} of {len(features)} training texts are longer than {max_length} tokens and keep "
+            "their beginning (raise model.max_length to keep more)")
+
+    batches_per_epoch = math.ceil(len(features) / tc.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
+    total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
+    optimizer, scheduler = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, tc.scheduler,
+                                           round(tc.warmup_ratio * total_steps), total_steps)
+    eval_every = tc.eval_every or steps_per_epoch
+    save_every = tc.save_every or eval_every
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "evals": [], "best": None, "best_step": None,
+             "bad_evals": 0, "stopped_early": False, "train_seconds": 0.0, "tokens": 0, "padded_tokens": 0}
+    found = checkpoint.find(out) if resume else None
+    if found:
+        state = checkpoint.load(found, model, optimizer, scheduler, device)
+        log(f"resuming from {found} at step {state['step']}/{total_steps}")
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    while state["step"] < total_steps and not state["stopped_early"]:
+        batches = epoch_batches(lengths, tc.batch_size, tc.seed, state["epoch"], tc.group_by_length)
+        t0, step_loss, micro = time.perf_counter(), 0.0, 0
+        for b in range(state["batch"], len(batches)):
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in batches[b]], pad_id).items()}
+            with autocast(device, tc.bf16):
+                loss = model(**batch).loss
+            (loss / tc.grad_accum).backward()
+            step_loss += loss.item()
+            micro += 1
+            state["tokens"] += int(batch["attention_mask"].sum())
+            state["padded_tokens"] += batch["attention_mask"].numel()
+            if (b + 1) % tc.grad_accum and b + 1 < len(batches):
+                continue
+
+            # One optimizer step.
+            grad_norm = None
+            if tc.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch"] = b + 1
+            state["history"].append({"step": state["step"], "loss": step_loss / micro, "lr": lr,
+                                     "grad_norm": grad_norm})
+            step_loss, micro = 0.0, 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{state['history'][-1]['loss']:.4f}", lr=f"{lr:.2e}")
+
+            end_of_epoch = b + 1 == len(batches)
+            finished = state["step"] >= total_steps
+            evaluated = False
+            if splits.dev and (state["step"] % eval_every == 0 or end_of_epoch or finished):
+                state["train_seconds"] += time.perf_counter() - t0
+                evaluate_dev(task, model, splits.dev, device, tc, state, out)
+                t0 = time.perf_counter()
+                evaluated = True
+            if evaluated or state["step"] % save_every == 0 or finished:
+                state["train_seconds"] += time.perf_counter() - t0
+                checkpoint.save(out, model, optimizer, scheduler, state)
+                t0 = time.perf_counter()
+            if finished or state["stopped_early"]:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch"] = 0
+        state["train_seconds"] += time.perf_counter() - t0
+    bar.close()
+
+    # Model selection on dev; the test split is evaluated once, on the selected weights.
+    if splits.dev and checkpoint.load_best(out, model, device):
+        log(f"restored the best dev weights (step {state['best_step']}, dev {state['best']:.4f})")
+    report = {
+        "task": cfg.task, "model": str(cfg.model.name), "labels": labels, "data": splits.about,
+        "sizes": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
+        "steps": state["step"], "total_steps": total_steps, "stopped_early": state["stopped_early"],
+        "best_step": state["best_step"], "train_seconds": round(state["train_seconds"], 2),
+        "train_tokens": state["tokens"],
+        "padding_share": 1 - state["tokens"] / max(1, state["padded_tokens"]),
+        "tokens_per_second": state["tokens"] / max(1e-9, state["train_seconds"]),
+        "seed": tc.seed, "history": state["history"], "evals": state["evals"],
+        "dev": next((e["metrics"] for e in state["evals"] if e["step"] == state["best_step"]), None),
+        "test": None,
+    }
+    if splits.test:
+        preds = predict(task, model, splits.test, device, tc.bf16, desc="test")
+        report["test"] = task.metrics(splits.test, preds)
+    save_model_folder(out, model, tokenizer, cfg, labels, max_length)
+    from tunelab.report import write_report
+
+    write_report(out, report)
+    shutil.rmtree(out / checkpoint.NAME, ignore_errors=True)
+    (out / checkpoint.BEST).unlink(missing_ok=True)
+    return report
+
+
+def evaluate_dev(task, model, dev, device, tc, state, out) -> None:
+    metrics = task.metrics(dev, predict(task, model, dev, device, tc.bf16, desc="dev"))
+    state["evals"].append({"step": state["step"], "epoch": state["epoch"], "dev": metrics["main"],
+                           "metrics": metrics})
+    improved = state["best"] is None or metrics["main"] > state["best"]
+    if improved:
+        state["best"], state["best_step"], state["bad_evals"] = metrics["main"], state["step"], 0
+        checkpoint.save_best(out, model)
+    else:
+        state["bad_evals"] += 1
+        if tc.patience is not None and state["bad_evals"] >= tc.patience:
+            state["stopped_early"] = True
+    log(f"step {state['step']}: dev {metrics['main']:.4f}" + (" (best)" if improved else
+        f" (best {state['best']:.4f} at step {state['best_step']})") +
+        (" -> early stop" if state["stopped_early"] else ""))
+
+
+def save_model_folder(out: Path, model, tokenizer, cfg, labels, max_length) -> None:
+    """Weights (safetensors), config with id2label, tokenizer and tunelab's own metadata; each file is
+    written to a temporary folder first and moved into place, so a kill never leaves a half-written file."""
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    meta = {"task": cfg.task, "labels": labels, "max_length": max_length,
+            "context_sentences": cfg.data.context_sentences, "base_model": str(cfg.model.name),
+            "tunelab_format": 1}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
