@@ -1,0 +1,232 @@
+"""The `tunelab` command. A user's mistake (bad file, key, path) prints one line and exits 2; no traceback."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+EPILOG = """examples:
+  tunelab train recipes/conll2003_ner.yaml train.epochs=1 output_dir=runs/ner
+  tunelab eval runs/ner --data conll2003:test
+  tunelab predict runs/ner "Angela Merkel visited Paris ."
+  tunelab predict runs/ner sentences.txt -o entities.jsonl
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune pretrained transformers on NLP tasks.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a model from a YAML recipe",
+                       description="Fine-tune a model. The recipe (YAML) fills the config; key.sub=value "
+                                   "arguments override it (e.g. train.lr=3e-5 data.context_sentences=2). "
+                                   "Unknown keys are errors. See recipes/ for shipped recipes.")
+    t.add_argument("recipe", help="recipe YAML file")
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in output_dir from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="delete output_dir's contents and start again")
+
+    e = sub.add_parser("eval", help="evaluate a trained model folder on labelled data",
+                       description="Evaluate a model folder saved by `tunelab train`.")
+    e.add_argument("model_dir")
+    e.add_argument("--data", required=True,
+                   help="a built-in set and split (conll2003:test, bbc_news:dev, ...) or a labelled file")
+    _file_options(e)
+    e.add_argument("--output", "-o", help="also write the metrics (JSON) here")
+    e.add_argument("--predictions", help="write the predictions here (.conll for NER columns, else JSONL)")
+
+    r = sub.add_parser("predict", help="predict with a trained model folder",
+                       description="Predict on a text given on the command line, or a file: .txt (one text a "
+                                   "line), .conll (words in the first column) or .jsonl (a 'text' field, or "
+                                   "'tokens' for NER). Output is JSONL (or CoNLL columns with -o X.conll).")
+    r.add_argument("model_dir")
+    r.add_argument("input", help="a file path, or the text itself")
+    _file_options(r)
+    r.add_argument("--output", "-o", help="output file (default: standard output)")
+    return p
+
+
+def _file_options(p) -> None:
+    p.add_argument("--format", choices=["conll", "jsonl", "csv", "text"], help="input format (default: from the extension)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--tokens-field", default="tokens")
+    p.add_argument("--tags-field", default="tags")
+    p.add_argument("--tag-column", type=int, default=-1)
+    p.add_argument("--tag-scheme", default="iob2", choices=["iob2", "iob1", "bioes", "bilou", "bmes"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+
+
+def _read(args, task: str, path: str, labelled: bool) -> list:
+    from tunelab.data import read_file
+    from tunelab.data.text import read_lines
+
+    fmt = None if args.format in (None, "text") else args.format
+    if args.format == "text" or (fmt is None and Path(path).suffix.lower() == ".txt" and not labelled):
+        if task == "ner":
+            return None  # raw text lines: the caller splits words with offsets
+        return read_lines(path)
+    return read_file(path, task, fmt, labelled, text_field=args.text_field, label_field=args.label_field,
+                     tokens_field=args.tokens_field, tags_field=args.tags_field, tag_column=args.tag_column,
+                     tag_scheme=args.tag_scheme)
+
+
+def cmd_train(args) -> int:
+    from tunelab.config import load_config
+    from tunelab.report import metrics_table
+    from tunelab.train import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    report = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    for split in ("dev", "test"):
+        if report.get(split):
+            print(f"\n== {split} ==\n{metrics_table(report[split])}")
+    print(f"\nmodel, report and curves: {cfg.output_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tunelab.data import check_labels, load_builtin
+    from tunelab.io import atomic_write_json
+    from tunelab.predict import Predictor
+    from tunelab.report import metrics_table
+
+    pred = Predictor(args.model_dir, args.device, args.batch_size)
+    name, _, split = args.data.partition(":")
+    if not Path(args.data).exists() and (split or name in _builtin_names()):
+        splits = load_builtin(name)
+        split = split or "test"
+        if split not in ("train", "dev", "test"):
+            raise TunelabError(f"--data {args.data}: split must be train, dev or test")
+        examples = getattr(splits, split)
+    else:
+        examples = _read(args, pred.meta["task"], args.data, labelled=True)
+    # A label the model never learned cannot be predicted: say so instead of scoring it as a silent miss.
+    model_labels = pred.meta["labels"]
+    check_labels_against(examples, model_labels)
+    predictions = pred.predict(examples, desc="eval")
+    metrics = pred.task.metrics(examples, predictions)
+    print(metrics_table(metrics))
+    if args.output:
+        atomic_write_json(args.output, metrics)
+    if args.predictions:
+        write_predictions(args.predictions, pred.meta["task"], examples, predictions)
+    return 0
+
+
+def _builtin_names():
+    from tunelab.data.packaged import BUILTIN
+
+    return BUILTIN
+
+
+def check_labels_against(examples, labels) -> None:
+    from tunelab.data import Sentence
+
+    known = set(labels)
+    for ex in examples:
+        gold = ex.tags if isinstance(ex, Sentence) else [ex.label]
+        for t in gold or []:
+            if t not in known:
+                raise TunelabError(f"{ex.source}:{ex.line}: label {t!r} is not one the model was trained on "
+                                   f"({', '.join(labels)})")
+
+
+def cmd_predict(args) -> int:
+    from tunelab.data import Sentence, TextExample
+    from tunelab.predict import Predictor
+    from tunelab.tasks.ner import split_words
+
+    pred = Predictor(args.model_dir, args.device, args.batch_size)
+    task = pred.meta["task"]
+    path = Path(args.input)
+    texts = None
+    if path.is_file():
+        examples = _read(args, task, args.input, labelled=False)
+        if examples is None:  # NER on raw text lines
+            from tunelab.data.text import read_lines
+
+            texts = read_lines(path)
+    else:
+        if len(args.input) < 200 and ("/" in args.input or path.suffix in (".txt", ".conll", ".jsonl", ".csv")) \
+                and " " not in args.input:
+            raise TunelabError(f"{args.input}: no such file (to predict on literal text, quote a sentence)")
+        texts = [TextExample(args.input, None, "<argument>", None)]
+        examples = texts if task == "classify" else None
+    offsets = None
+    if task == "ner" and texts is not None:
+        examples, offsets = [], []
+        for t in texts:
+            words, offs = split_words(t.text)
+            if not words:
+                raise TunelabError(f"{t.source}:{t.line}: no words in this text")
+            examples.append(Sentence(words, None, 0, t.source, t.line))
+            offsets.append((t.text, offs))
+    predictions = pred.predict(examples, desc="predict" if len(examples) > 64 else None)
+    write_predictions(args.output, task, examples, predictions, offsets)
+    return 0
+
+
+def prediction_records(task, examples, predictions, offsets=None):
+    from tunelab.tasks.ner import entity_spans
+
+    labels = None
+    for i, (ex, p) in enumerate(zip(examples, predictions)):
+        if task == "classify":
+            label, probs = p
+            labels = labels or None
+            yield {"text": ex.text, "label": label, "score": max(probs), "probabilities": probs}
+            continue
+        tags, scores = p
+        ents = []
+        for etype, s, e in entity_spans(tags):
+            ent = {"type": etype, "score": sum(scores[s:e]) / (e - s)}
+            if offsets is not None:
+                text, offs = offsets[i]
+                ent.update(text=text[offs[s][0]:offs[e - 1][1]], start=offs[s][0], end=offs[e - 1][1])
+            else:
+                ent.update(text=" ".join(ex.words[s:e]), first_word=s, last_word=e - 1)
+            ents.append(ent)
+        rec = {"text": offsets[i][0]} if offsets is not None else {}
+        rec.update(tokens=ex.words, tags=tags, entities=ents)
+        yield rec
+
+
+def write_predictions(out, task, examples, predictions, offsets=None) -> None:
+    from tunelab.io import atomic_write_text
+
+    if out and str(out).endswith(".conll") and task == "ner":
+        from tunelab.data.conll import write_conll
+
+        write_conll(out, examples, [p[0] for p in predictions])
+        return
+    lines = [json.dumps(r, ensure_ascii=False) for r in prediction_records(task, examples, predictions, offsets)]
+    if out:
+        atomic_write_text(out, "\n".join(lines) + "\n")
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command](args)
+    except TunelabError as e:
+        print(f"tunelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunelab: interrupted (a training run continues with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
