@@ -20,6 +20,7 @@ class ModelConfig:
     max_length: int = 256  # sub-word tokens per sequence, [CLS]/[SEP] included
     dropout: float | None = None  # overrides the backbone's hidden/attention dropout when set
     trust_remote_code: bool = False
+    max_unk_share: float = 0.3  # refuse data whose tokens the tokenizer mostly cannot read ([UNK])
 
 
 @dataclass

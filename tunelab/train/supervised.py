@@ -82,6 +82,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     features = task.encode(splits.train, training=True)
+    check_coverage(features, tokenizer, cfg.model.name, cfg.model.max_unk_share)
     lengths = [len(f["input_ids"]) for f in features]
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.task}: {len(splits.train)} train / {len(splits.dev)} dev / {len(splits.test)} test examples, "
@@ -184,6 +185,23 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     shutil.rmtree(out / checkpoint.NAME, ignore_errors=True)
     (out / checkpoint.BEST).unlink(missing_ok=True)
     return report
+
+
+def check_coverage(features, tokenizer, model_name, max_share) -> None:
+    """A tokenizer whose vocabulary lacks the data's script turns it into [UNK]: training would 'work' and
+    learn next to nothing. Say so before spending the compute."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return
+    total = sum(len(f["input_ids"]) for f in features)
+    share = sum(t == unk for f in features for t in f["input_ids"]) / max(1, total)
+    if share > max_share:
+        raise TunelabError(f"model {model_name}: its tokenizer reads {share:.0%} of the training tokens as "
+                           f"{tokenizer.unk_token} (limit model.max_unk_share={max_share}); it cannot read this "
+                           "data. Use a model whose vocabulary covers the text's script (model.name=FOLDER), or "
+                           "set model.max_unk_share=1 to train anyway")
+    if share > 0.05:
+        log(f"warning: {share:.1%} of the training tokens are {tokenizer.unk_token} for this tokenizer")
 
 
 def evaluate_dev(task, model, dev, device, tc, state, out) -> None:

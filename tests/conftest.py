@@ -1,0 +1,161 @@
+"""Shared fixtures: a tiny random BERT (with the real packaged tokenizer) and small made-up data files.
+
+Nothing here touches the network: the tokenizer comes from the packaged all-MiniLM-L6-v2, the weights of the
+tiny model are random (seeded).
+"""
+
+import json
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+PER = ["Peter Blackburn", "John Smith", "Angela Merkel", "Maria Garcia", "Hans Muller", "Anna Kalashnikov"]
+LOC = ["Paris", "London", "Berlin", "New York", "Madrid", "Tokyo"]
+ORG = ["Google", "Reuters", "European Union", "Siemens", "United Nations", "Apple"]
+TEMPLATES = [
+    "{PER} visited {LOC} .",
+    "{PER} works for {ORG} in {LOC} .",
+    "{ORG} said on Monday that {PER} will lead it .",
+    "The talks in {LOC} ended without a deal .",
+    "{ORG} opened an office in {LOC} .",
+]
+
+
+def make_sentence(rng) -> list[tuple[str, str]]:
+    """One made-up sentence as (word, IOB2 tag) pairs."""
+    out = []
+    for part in rng.choice(TEMPLATES).split():
+        if part in ("{PER}", "{LOC}", "{ORG}"):
+            etype = part[1:-1]
+            name = rng.choice({"PER": PER, "LOC": LOC, "ORG": ORG}[etype])
+            for k, w in enumerate(name.split()):
+                out.append((w, ("B-" if k == 0 else "I-") + etype))
+        else:
+            out.append((part, "O"))
+    return out
+
+
+def make_documents(seed: int, n_docs: int, per_doc: int) -> list[list[list[tuple[str, str]]]]:
+    rng = random.Random(seed)
+    return [[make_sentence(rng) for _ in range(per_doc)] for _ in range(n_docs)]
+
+
+def conll_text(docs) -> str:
+    """CoNLL-2003 style: word POS chunk NER, -DOCSTART- before each document."""
+    lines = []
+    for doc in docs:
+        lines += ["-DOCSTART- -X- -X- O", ""]
+        for sent in doc:
+            for w, t in sent:
+                lines.append(f"{w} NNP I-NP {t}")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+SPLIT_SIZES = {"train": (4, 12), "dev": (2, 5), "test": (2, 5)}  # (documents, sentences per document)
+
+
+@pytest.fixture(scope="session")
+def ner_docs():
+    return {split: make_documents(100 + i, *SPLIT_SIZES[split]) for i, split in enumerate(SPLIT_SIZES)}
+
+
+@pytest.fixture(scope="session")
+def conll_dir(tmp_path_factory, ner_docs):
+    d = tmp_path_factory.mktemp("conll")
+    for split, docs in ner_docs.items():
+        (d / f"{split}.conll").write_text(conll_text(docs), encoding="utf-8")
+    return d
+
+
+CLASSES = {
+    "sport": ["The team won the match {n} to nil", "A late goal decided the cup final", "The striker scored twice",
+              "The coach praised his players after the game", "Fans cheered as the club won the league"],
+    "business": ["Shares fell {n} percent on Monday", "The bank raised interest rates again",
+                 "Profits at the company doubled", "Investors sold bonds as markets slid",
+                 "The firm reported record quarterly sales"],
+    "tech": ["The new phone has a faster chip", "Engineers released a software update",
+             "The laptop battery lasts {n} hours", "A startup built a smarter search engine",
+             "Users downloaded the app millions of times"],
+}
+
+
+def make_texts(seed: int, n: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = sorted(CLASSES)[i % len(CLASSES)]
+        text = rng.choice(CLASSES[label]).format(n=rng.randint(2, 9)) + f" (item {seed}-{i})"
+        out.append({"text": text, "label": label})
+    return out
+
+
+@pytest.fixture(scope="session")
+def cls_dir(tmp_path_factory):
+    """train/dev/test.jsonl and the same data as train/dev/test.csv."""
+    import csv
+
+    d = tmp_path_factory.mktemp("classify")
+    for i, (split, n) in enumerate({"train": 48, "dev": 12, "test": 12}.items()):
+        recs = make_texts(200 + i, n)
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+        with open(d / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "label"])
+            w.writeheader()
+            w.writerows(recs)
+    return d
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from tunelab.models import load_tokenizer, resolve_model_path
+
+    return load_tokenizer(resolve_model_path("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_tokenizer):
+    """A tiny random BERT (2 layers, hidden 32) with the real packaged MiniLM tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(vocab_size=len(minilm_tokenizer), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(str(d))
+    minilm_tokenizer.save_pretrained(str(d))
+    return d
+
+
+def tiny_overrides(model_dir, out, **extra) -> list[str]:
+    """Config overrides for a quick run on the tiny model."""
+    values = {"model.name": str(model_dir), "output_dir": str(out), "train.threads": 2, "train.epochs": 4,
+              "train.batch_size": 8, "train.lr": 3e-3, "train.warmup_ratio": 0.0, "train.bf16": False,
+              "train.device": "cpu"}
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def ner_overrides(conll_dir, model_dir, out, **extra) -> list[str]:
+    values = {"task": "ner", "data.train": conll_dir / "train.conll", "data.dev": conll_dir / "dev.conll",
+              "data.test": conll_dir / "test.conll"}
+    values.update(extra)
+    return tiny_overrides(model_dir, out, **values)
+
+
+@pytest.fixture(scope="session")
+def ner_run(tmp_path_factory, conll_dir, tiny_model_dir):
+    """One NER run on the tiny model, shared by the tests that inspect its output folder."""
+    from tunelab.config import load_config
+    from tunelab.train import train
+
+    out = tmp_path_factory.mktemp("ner-run") / "out"
+    cfg = load_config(None, ner_overrides(conll_dir, tiny_model_dir, out, **{"train.epochs": 8}))
+    report = train(cfg)
+    return out, report
