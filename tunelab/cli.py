@@ -165,7 +165,8 @@ def cmd_predict(args) -> int:
             words, offs = split_words(t.text)
             if not words:
                 raise TunelabError(f"{t.source}:{t.line}: no words in this text")
-            examples.append(Sentence(words, None, 0, t.source, t.line))
+            # Each line is its own document: unrelated lines must not serve as each other's context.
+            examples.append(Sentence(words, None, len(examples), t.source, t.line))
             offsets.append((t.text, offs))
     predictions = pred.predict(examples, desc="predict" if len(examples) > 64 else None)
     write_predictions(args.output, task, examples, predictions, offsets)
@@ -175,11 +176,9 @@ def cmd_predict(args) -> int:
 def prediction_records(task, examples, predictions, offsets=None):
     from tunelab.tasks.ner import entity_spans
 
-    labels = None
     for i, (ex, p) in enumerate(zip(examples, predictions)):
         if task == "classify":
             label, probs = p
-            labels = labels or None
             yield {"text": ex.text, "label": label, "score": max(probs), "probabilities": probs}
             continue
         tags, scores = p

@@ -57,7 +57,8 @@ class TrainConfig:
     bf16: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every: int = 0  # steps between dev evaluations; 0 = once per epoch
-    save_every: int = 0  # steps between resumable checkpoints; 0 = at each evaluation
+    save_every: int = 0  # steps between resumable checkpoints; 0 = at each evaluation and every save_minutes
+    save_minutes: float = 5.0  # at most this much work is lost to a crash (when save_every is 0)
     patience: int | None = None  # stop after this many evaluations without dev improvement
     threads: int | None = None  # torch CPU threads; None = torch's default
 

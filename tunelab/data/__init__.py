@@ -5,6 +5,7 @@ from pathlib import Path
 from tunelab.data.conll import read_conll
 from tunelab.data.examples import Sentence, TextExample
 from tunelab.data.packaged import Splits, load_builtin
+from tunelab.data.tags import to_iob2
 from tunelab.data.text import read_csv, read_jsonl, read_jsonl_sentences, read_lines
 from tunelab.errors import TunelabError
 
@@ -100,7 +101,12 @@ def from_records(records: list, task: str) -> list:
             words, tags = (r.get("tokens"), r.get("tags")) if isinstance(r, dict) else r
             if not words or (tags is not None and len(tags) != len(words)):
                 raise TunelabError(f"record {i}: needs non-empty tokens and one tag per token")
-            out.append(Sentence(list(words), list(tags) if tags is not None else None, i, "<memory>", i))
+            if tags is not None:
+                try:
+                    tags = to_iob2([str(t) for t in tags], "iob2")
+                except ValueError as e:
+                    raise TunelabError(f"record {i}: {e}") from None
+            out.append(Sentence(list(words), tags, i, "<memory>", i))
         else:
             text, label = (r.get("text"), r.get("label")) if isinstance(r, dict) else r
             if not isinstance(text, str) or not text.strip():

@@ -20,7 +20,7 @@ from tunelab import config as config_mod
 from tunelab.data import Splits, check_labels, load_splits
 from tunelab.data.batching import collate, epoch_batches
 from tunelab.errors import TunelabError
-from tunelab.io import atomic_write_json, atomic_write_text
+from tunelab.io import atomic_write_text
 from tunelab.models import load_model, load_tokenizer, resolve_model_path
 from tunelab.predict import META_FILE, autocast, pick_device, predict
 from tunelab.tasks import make_task
@@ -38,6 +38,9 @@ def prepare_output(out: Path, cfg, resume: bool, overwrite: bool) -> None:
         if overwrite:
             shutil.rmtree(out)
         elif resume:
+            if (out / "report.json").is_file() and checkpoint.find(out) is None:
+                raise TunelabError(f"--resume: the run in {out} has already finished (report.json is there); "
+                                   "pass --overwrite to train it again")
             if saved.is_file():
                 old = yaml.safe_load(saved.read_text(encoding="utf-8"))
                 new = config_mod.to_dict(cfg)
@@ -98,7 +101,6 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     optimizer, scheduler = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, tc.scheduler,
                                            round(tc.warmup_ratio * total_steps), total_steps)
     eval_every = tc.eval_every or steps_per_epoch
-    save_every = tc.save_every or eval_every
 
     state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "evals": [], "best": None, "best_step": None,
              "bad_evals": 0, "stopped_early": False, "train_seconds": 0.0, "tokens": 0, "padded_tokens": 0}
@@ -108,6 +110,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         log(f"resuming from {found} at step {state['step']}/{total_steps}")
 
     model.train()
+    last_save = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
     while state["step"] < total_steps and not state["stopped_early"]:
         batches = epoch_batches(lengths, tc.batch_size, tc.seed, state["epoch"], tc.group_by_length)
@@ -148,10 +151,12 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
                 evaluate_dev(task, model, splits.dev, device, tc, state, out)
                 t0 = time.perf_counter()
                 evaluated = True
-            if evaluated or state["step"] % save_every == 0 or finished:
+            due = state["step"] % tc.save_every == 0 if tc.save_every else \
+                time.perf_counter() - last_save > tc.save_minutes * 60
+            if evaluated or due or finished:
                 state["train_seconds"] += time.perf_counter() - t0
                 checkpoint.save(out, model, optimizer, scheduler, state)
-                t0 = time.perf_counter()
+                t0 = last_save = time.perf_counter()
             if finished or state["stopped_early"]:
                 break
         else:
