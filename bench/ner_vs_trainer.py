@@ -88,11 +88,12 @@ def run_tunelab(args, bf16: bool) -> dict:
         f"train.threads={args.threads}", "train.patience=null", "data.context_sentences=0",
     ]
     cfg = load_config(None, overrides)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         report = train(cfg, splits=splits, overwrite=True)
     finally:
         total = time.perf_counter() - t0
+        cpu = time.process_time() - c0
         shutil.rmtree(out, ignore_errors=True)
     losses = [h["loss"] for h in report["history"]]
     return {
@@ -100,13 +101,15 @@ def run_tunelab(args, bf16: bool) -> dict:
         "train_seconds": report["train_seconds"], "total_seconds": total,
         "train_tokens": report["train_tokens"], "tokens_per_second": report["tokens_per_second"],
         "padding_share": report["padding_share"], "padding_measured": "every training batch (tunelab's own count)",
+        "cpu_per_wall": cpu / total, "cpu_per_wall_scope": "the whole train() call",
         "steps": report["steps"], "train_loss": sum(losses) / max(1, len(losses)),
         "best_step": report["best_step"], "dev_evals": len(report["evals"]),
         "dev": f1_summary(report["dev"]) if report["dev"] else None,
         "test": f1_summary(report["test"]) if report["test"] else None,
         "notes": "dev is the selected (best) evaluation; tunelab evaluates dev once per epoch and tests the best "
                  "epoch's weights" if len(report["evals"]) > 1 else "one dev evaluation, at the end",
-        "total_includes": "tokenisation, model load, training, dev eval, checkpoint + model-folder writes, test eval",
+        "total_includes": "model load, tokenisation, training, dev eval(s), resumable checkpoints (after each dev eval "
+                          "and every train.save_minutes), best-weights restore, test eval, model-folder write",
     }
 
 
@@ -163,6 +166,7 @@ def trainer_predict_words(trainer, features, first_token, sentences, label_list)
         firsts = first_token[i]
         words[i] = [label_list[int(pred_ids[row, firsts[w]])] if w in firsts else "O"
                     for w in range(len(sentences[i].words))]
+    out.metrics["eval_order_permuted"] = order != list(range(len(features)))
     return words, out.metrics
 
 
@@ -229,9 +233,10 @@ def run_trainer(args, best: bool) -> dict:
         trainer = Trainer(model=model, args=training_args, train_dataset=train_feats, processing_class=tokenizer,
                           data_collator=collator)
 
-        t_train = time.perf_counter()
+        t_train, c_train = time.perf_counter(), time.process_time()
         result = trainer.train()
         train_wall = time.perf_counter() - t_train
+        train_cpu = time.process_time() - c_train
         train_runtime = result.metrics["train_runtime"]
 
         dev_words, dev_pm = trainer_predict_words(trainer, dev_feats, dev_first, splits.dev, label_list)
@@ -261,11 +266,13 @@ def run_trainer(args, best: bool) -> dict:
         "train_tokens": train_tokens, "tokens_per_second": train_tokens / train_runtime,
         "padding_share": 1 - real / max(1, padded),
         "padding_measured": "one pass over trainer.get_train_dataloader() after training",
+        "cpu_per_wall": train_cpu / train_wall, "cpu_per_wall_scope": "trainer.train()",
         "steps": result.global_step, "train_loss": result.metrics.get("train_loss"),
         "dev": f1_summary(dev_m), "test": f1_summary(test_m),
         "dev_f1_iob2_repaired": dev_rep["main"], "test_f1_iob2_repaired": test_rep["main"],
         "truncated_sentences": {"train": train_truncated, "dev": dev_truncated, "test": test_truncated},
         "predict_seconds": {"dev": dev_pm.get("test_runtime"), "test": test_pm.get("test_runtime")},
+        "eval_order_permuted": dev_pm["eval_order_permuted"],
         "optimizer": training_args.optim if isinstance(training_args.optim, str) else training_args.optim.value,
         "transformers": transformers.__version__,
         "notes": "no model selection: dev and test evaluated once, after the last step",
@@ -286,6 +293,9 @@ def child_main(args) -> None:
             result.update(run_trainer(args, best=True))
         else:
             raise ValueError(args.child)
+    except BaseException as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+        raise
     finally:
         import torch
 
@@ -312,6 +322,7 @@ def spawn(run: str, args, argv: list[str]) -> dict:
     os.close(fd)
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", run, "--child-out", res_path]
     print(f"\n=== {run} ===", file=sys.stderr, flush=True)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=child_env(args), cwd=str(ROOT))
     # wait4 gives this one child's own resource usage (RUSAGE_CHILDREN would be the max over all children so far).
@@ -323,9 +334,11 @@ def spawn(run: str, args, argv: list[str]) -> dict:
         result = json.loads(text) if text.strip() else {"run": run}
     finally:
         Path(res_path).unlink(missing_ok=True)
-    result.update(process_seconds=wall, peak_rss_mib=usage.ru_maxrss / 1024, exit_code=proc.returncode)
+    result.update(process_seconds=wall, process_cpu_seconds=usage.ru_utime + usage.ru_stime,
+                  peak_rss_mib=usage.ru_maxrss / 1024, exit_code=proc.returncode,
+                  loadavg_1min={"before": load_before, "after": os.getloadavg()[0]})
     if proc.returncode != 0:
-        result["error"] = f"subprocess exited with {proc.returncode}; see its output above"
+        result["error"] = result.get("error") or f"subprocess exited with {proc.returncode}; see its output above"
     return result
 
 
@@ -336,19 +349,21 @@ def fmt(x, spec=".1f", none="—"):
 def table(results: list[dict]) -> str:
     base = next((r for r in results if r["run"] == BASELINE and "error" not in r), None)
     rows = ["| run | bf16 | batches | train s | total s | train time vs default | tokens/s | tokens/s vs default "
-            "| padding | peak RSS MiB | dev F1 | test F1 |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| padding | peak RSS MiB | CPU s per s | dev F1 | test F1 |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['run']} | failed: {r['error']} |" + " |" * 10)
+            msg = r["error"].replace("|", "/").replace("\n", " ")
+            rows.append(f"| {r['run']} | failed: {msg[:160]} |" + " |" * 11)
             continue
         t_ratio = r["train_seconds"] / base["train_seconds"] if base else None
         s_ratio = r["tokens_per_second"] / base["tokens_per_second"] if base else None
         rows.append(
             f"| {r['run']} | {'yes' if r['bf16'] else 'no'} | {'length-grouped' if r['group_by_length'] else 'random'} "
-            f"| {fmt(r['train_seconds'])} | {fmt(r['total_seconds'])} | {fmt(t_ratio, '.2f')}× "
-            f"| {fmt(r['tokens_per_second'], ',.0f')} | {fmt(s_ratio, '.2f')}× | {r['padding_share']:.1%} "
-            f"| {fmt(r['peak_rss_mib'], ',.0f')} | {fmt(r['dev'] and r['dev']['f1'], '.4f')} "
+            f"| {fmt(r['train_seconds'])} | {fmt(r['total_seconds'])} | {fmt(t_ratio, '.2f')}{'×' if base else ''} "
+            f"| {fmt(r['tokens_per_second'], ',.0f')} | {fmt(s_ratio, '.2f')}{'×' if base else ''} | {r['padding_share']:.1%} "
+            f"| {fmt(r['peak_rss_mib'], ',.0f')} | {fmt(r.get('cpu_per_wall'), '.2f')} "
+            f"| {fmt(r['dev'] and r['dev']['f1'], '.4f')} "
             f"| {fmt(r['test'] and r['test']['f1'], '.4f')} |")
     return "\n".join(rows)
 
@@ -364,7 +379,15 @@ def notes(args, results) -> list[str]:
         "training second. Padding: tunelab counts every training batch; Trainer: one pass over its train "
         "dataloader.",
         f"Ratios relative to {BASELINE}: train time (lower is faster) and tokens/s (higher is faster).",
+        "CPU s per s: process CPU-seconds per wall-second while training (tunelab: whole train() call; Trainer: "
+        "trainer.train()); well under the thread count means the CPU was shared with other work.",
     ]
+    busy = [f"{r['run']} ({r['cpu_per_wall']:.2f})" for r in results
+            if r.get("cpu_per_wall") is not None and r["cpu_per_wall"] < 0.75 * args.threads]
+    if busy:
+        out.append(f"WARNING: CPU-seconds per wall-second during training fell well below the {args.threads} torch "
+                   f"threads for {', '.join(busy)}: the machine was busy with other work, so these timings are "
+                   "not reliable. Rerun on an idle machine.")
     if args.epochs > 1 and any(r["run"].startswith("tunelab") for r in results):
         out.append(f"epochs={args.epochs:g} > 1: tunelab evaluated dev after each epoch and kept the best dev "
                    "epoch's weights (its dev and test F1 are for that epoch); the Trainer uses its last step.")
