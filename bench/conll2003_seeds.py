@@ -1,7 +1,7 @@
 """Full CoNLL-2003 results with the packaged MiniLM: dev/test entity F1 over several seeds, with and
 without document context. Selection is on dev (best epoch); test is evaluated once per run.
 
-    .venv/bin/python bench/conll2003_seeds.py --seeds 1 2 3 --contexts 0 2 --out bench/results/conll2003_seeds.json
+    .venv/bin/python bench/conll2003_seeds.py --seeds 1 2 3 --contexts 0 1 --out bench/results/conll2003_seeds.json
 
 Extra key=value arguments override the recipe (recipes/conll2003_ner.yaml), e.g. train.epochs=3.
 """
@@ -21,7 +21,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/conll2003_ner.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--runs-dir", default="runs/conll2003_seeds")
     ap.add_argument("--out", default="bench/results/conll2003_seeds.json")
     ap.add_argument("overrides", nargs="*")

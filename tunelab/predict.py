@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from tunelab import progress
 from tunelab.data.batching import collate, eval_batches
 from tunelab.errors import TunelabError
 
@@ -36,7 +36,7 @@ def feature_logits(model, features: list[dict], pad_id: int, device, bf16=False,
     model.eval()
     out = [None] * len(features)
     batches = eval_batches([len(f["input_ids"]) for f in features], batch_size)
-    for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
+    for idx in progress.bar(iterable=batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
         batch = collate([features[i] for i in idx], pad_id)
         with autocast(device, bf16):
             logits = model(input_ids=batch["input_ids"].to(device),

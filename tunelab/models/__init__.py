@@ -76,6 +76,10 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
         for k in hit:
             setattr(config, k, dropout)
     cls = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
+    head = "token-classification" if task == "ner" else "sequence-classification"
+    if type(config) not in cls._model_mapping:
+        raise TunelabError(f"model {path}: transformers has no {head} head for model type {config.model_type!r}, "
+                           f"so it cannot be used for task={task}; choose another model")
     quiet_transformers()
     try:
         return cls.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=trust_remote_code)

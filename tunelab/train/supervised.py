@@ -17,6 +17,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from tunelab import config as config_mod
+from tunelab import progress
 from tunelab.data import Splits, check_labels, load_splits
 from tunelab.data.batching import collate, epoch_batches
 from tunelab.errors import TunelabError
@@ -113,7 +114,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
 
     model.train()
     last_save = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    bar = progress.bar(total=total_steps, initial=state["step"], desc="train", unit="step")
     while state["step"] < total_steps and not state["stopped_early"]:
         batches = epoch_batches(lengths, tc.batch_size, tc.seed, state["epoch"], tc.group_by_length)
         t0, step_loss, micro = time.perf_counter(), 0.0, 0

@@ -1,0 +1,12 @@
+"""Progress bars: live on a terminal, a line every 30 s in a log file (a redirected run stays readable)."""
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+def bar(**kwargs):
+    interactive = sys.stderr.isatty()
+    kwargs.setdefault("mininterval", 0.1 if interactive else 30.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(file=sys.stderr, **kwargs)
