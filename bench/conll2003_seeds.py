@@ -28,8 +28,8 @@ def main():
     args = ap.parse_args()
 
     results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
-    for ctx in args.contexts:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: an interrupted run still has both settings for the first seeds
+        for ctx in args.contexts:
             key = f"context={ctx} seed={seed}"
             if key in results:  # finished earlier: the script can be re-run after an interruption
                 continue

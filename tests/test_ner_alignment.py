@@ -141,14 +141,20 @@ def test_long_sentence_prediction_every_word(tok):
     assert preds[1][0] == ["B-LOC"]
 
 
-def test_decode_repairs_to_iob2(tok):
+def test_decode_gives_the_best_valid_iob2(tok):
     task = NerTask(tok, LABELS, max_length=32)
     words = ["Angela", "Merkel", "in", "Paris"]
     feats = task.encode([Sentence(words)], training=False)
     lg = np.zeros((len(feats[0]["input_ids"]), len(LABELS)), dtype=np.float32)
     for (w, pos), tag in zip(feats[0]["positions"], ["I-PER", "I-PER", "O", "I-LOC"]):
         lg[pos, LABELS.index(tag)] = 3.0
+    # Second choices: B-PER on "Angela", B-LOC on "Paris"; the argmax (I- after O) is not valid IOB2.
+    lg[feats[0]["positions"][0][1], LABELS.index("B-PER")] = 1.0
+    lg[feats[0]["positions"][3][1], LABELS.index("B-LOC")] = 1.0
     assert task.decode(feats, [lg], 1)[0][0] == ["B-PER", "I-PER", "O", "B-LOC"]
+    # Without a B-LOC preference, a lone I-LOC is not turned into an entity (O and B-LOC tie, O first).
+    lg[feats[0]["positions"][3][1], LABELS.index("B-LOC")] = 0.0
+    assert task.decode(feats, [lg], 1)[0][0][3] == "O"
 
 
 def test_context_sentences(tok):
@@ -201,3 +207,34 @@ def test_entity_spans():
     assert entity_spans(["B-PER", "I-LOC"]) == [("PER", 0, 1), ("LOC", 1, 2)]
     assert entity_spans(["O", "O"]) == []
     assert entity_spans(["I-MISC"]) == [("MISC", 0, 1)]
+
+
+# --- constrained decoding ------------------------------------------------------------------------------------
+
+
+def test_viterbi_returns_argmax_when_it_is_valid_and_best_valid_path_otherwise():
+    import numpy as np
+
+    from tunelab.tasks.ner import iob2_transitions, viterbi
+
+    labels = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG"]
+    allowed, start = iob2_transitions(labels)
+    valid = np.log(np.array([[.1, .7, .1, .05, .05], [.1, .1, .7, .05, .05], [.8, .05, .05, .05, .05]]))
+    assert viterbi(valid, allowed, start) == [1, 2, 0]
+    # argmax says I-PER I-PER O: an entity that starts inside. The best valid path is B-PER I-PER O
+    # (0.2 * 0.7), not O I-PER (invalid) nor the "repair" B-PER on word 2 only.
+    bad_start = np.log(np.array([[.1, .2, .6, .05, .05], [.1, .1, .7, .05, .05], [.8, .05, .05, .05, .05]]))
+    assert [labels[k] for k in viterbi(bad_start, allowed, start)] == ["B-PER", "I-PER", "O"]
+    # B-PER then I-ORG: type switch inside an entity is not IOB2; B-PER I-PER (0.6 * 0.2) beats
+    # B-PER O (0.6 * 0.1) and B-ORG I-ORG (0.05 * 0.55).
+    switch = np.log(np.array([[.1, .6, .2, .05, .05], [.1, .1, .2, .05, .55], [.8, .05, .05, .05, .05]]))
+    assert [labels[k] for k in viterbi(switch, allowed, start)] == ["B-PER", "I-PER", "O"]
+
+
+def test_transitions_forbid_inside_after_o_or_other_type():
+    from tunelab.tasks.ner import iob2_transitions
+
+    labels = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG"]
+    allowed, start = iob2_transitions(labels)
+    assert not start[2] and not start[4] and start[0] and start[1]
+    assert allowed[1, 2] and allowed[2, 2] and not allowed[0, 2] and not allowed[3, 2] and allowed[2, 3]

@@ -11,7 +11,6 @@ import re
 import numpy as np
 
 from tunelab.data.examples import Sentence
-from tunelab.data.tags import repair_iob2
 
 IGNORE = -100
 
@@ -86,6 +85,7 @@ class NerTask:
         self.context_sentences = context_sentences
         self.prefix, self.suffix = special_tokens(tokenizer)
         self.budget = max_length - len(self.prefix) - len(self.suffix)
+        self.allowed, self.start_allowed = iob2_transitions(labels)
 
     def encode(self, sentences: list[Sentence], training: bool) -> list[dict]:
         pieces = word_pieces(self.tokenizer, [s.words for s in sentences])
@@ -131,25 +131,53 @@ class NerTask:
         return left, right
 
     def decode(self, features, logits, n_examples):
-        """Per example: (tags, scores) for every word; tags repaired to valid IOB2."""
-        tags = [dict() for _ in range(n_examples)]
+        """Per example: (tags, scores) for every word. The tags are the most probable *valid* IOB2 sequence
+        (constrained Viterbi): a per-word argmax can say O I-PER or B-PER I-ORG, which strict scoring and
+        users then have to guess about; patching such an I- into a B- after the fact adds false entities."""
+        word_probs = [dict() for _ in range(n_examples)]
         for feat, lg in zip(features, logits):
             lg = np.asarray(lg, dtype=np.float32)
             probs = np.exp(lg - lg.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
             for w, pos in feat["positions"]:
-                k = int(probs[pos].argmax())
-                tags[feat["example"]][w] = (self.labels[k], float(probs[pos, k]))
+                word_probs[feat["example"]][w] = probs[pos]
         out = []
-        for t in tags:
-            words = [t[w] for w in range(len(t))]
-            out.append((repair_iob2([x[0] for x in words]), [x[1] for x in words]))
+        for wp in word_probs:
+            probs = np.stack([wp[w] for w in range(len(wp))])
+            path = viterbi(np.log(np.maximum(probs, 1e-12)), self.allowed, self.start_allowed)
+            out.append(([self.labels[k] for k in path], [float(probs[i, k]) for i, k in enumerate(path)]))
         return out
 
     def metrics(self, sentences, predictions) -> dict:
         from tunelab.metrics import entity_metrics
 
         return entity_metrics([s.tags for s in sentences], [p[0] for p in predictions])
+
+
+def iob2_transitions(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """allowed[i, j]: label j may follow label i in IOB2 (I-X only after B-X or I-X); start[j]: j may begin."""
+    inside = [lab.startswith("I-") for lab in labels]
+    allowed = np.array([[not inside[j] or (prev != "O" and prev[2:] == cur[2:]) for j, cur in enumerate(labels)]
+                        for prev in labels])
+    return allowed, ~np.array(inside)
+
+
+def viterbi(logp: np.ndarray, allowed: np.ndarray, start: np.ndarray) -> list[int]:
+    """Most probable label path under hard transition constraints. logp: (words, labels) log-probabilities.
+    Where the per-word argmax is already valid it is returned unchanged."""
+    neg = -1e30
+    trans = np.where(allowed, 0.0, neg)
+    score = np.where(start, logp[0], neg)
+    back = []
+    for t in range(1, len(logp)):
+        cand = score[:, None] + trans  # (previous label, current label)
+        prev = cand.argmax(0)
+        score = cand[prev, np.arange(len(prev))] + logp[t]
+        back.append(prev)
+    path = [int(score.argmax())]
+    for prev in reversed(back):
+        path.append(int(prev[path[-1]]))
+    return path[::-1]
 
 
 # One CJK character is one word, as BERT's basic tokenizer treats it; elsewhere runs of word characters and
