@@ -159,3 +159,31 @@ def ner_run(tmp_path_factory, conll_dir, tiny_model_dir):
     cfg = load_config(None, ner_overrides(conll_dir, tiny_model_dir, out, **{"train.epochs": 8}))
     report = train(cfg)
     return out, report
+
+
+def plain_transformers_tags(model_dir, sentences) -> list[list[str]]:
+    """Word tags from the folder loaded with plain transformers (AutoModelForTokenClassification +
+    AutoTokenizer + config.id2label): first-sub-token probabilities, decoded with tunelab's documented rule
+    (the most probable valid IOB2 path). Equal to tunelab's predictions iff the saved folder is complete."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from tunelab.tasks.ner import iob2_transitions, viterbi
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForTokenClassification.from_pretrained(str(model_dir)).eval()
+    labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    allowed, start = iob2_transitions(labels)
+    enc = tok([s.words for s in sentences], is_split_into_words=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logp = model(**enc).logits.log_softmax(-1).numpy()
+    out = []
+    for i, s in enumerate(sentences):
+        firsts = {}
+        for pos, w in enumerate(enc.word_ids(i)):
+            if w is not None and w not in firsts:
+                firsts[w] = pos
+        word_logp = np.stack([logp[i, firsts[w]] for w in range(len(s.words))])
+        out.append([labels[k] for k in viterbi(word_logp, allowed, start)])
+    return out

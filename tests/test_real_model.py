@@ -7,7 +7,7 @@ import torch
 
 from tunelab.config import load_config
 from tunelab.data import load_splits
-from tunelab.data.tags import repair_iob2
+from conftest import plain_transformers_tags
 from tunelab.predict import Predictor
 from tunelab.train import train
 
@@ -46,21 +46,10 @@ def test_minilm_folder_loads_in_plain_transformers(real_run):
 
     out, report, splits = real_run
     sents = sorted(splits.test[:N_TEST], key=lambda s: -len(s.words))[:4] + splits.test[:12]
-    tok = AutoTokenizer.from_pretrained(str(out))
-    model = AutoModelForTokenClassification.from_pretrained(str(out)).eval()
-    assert model.config.id2label[0] == "O" and len(model.config.id2label) == 9
-    enc = tok([s.words for s in sents], is_split_into_words=True, padding=True, return_tensors="pt")
-    assert enc["input_ids"].shape[1] < 256  # every sentence fits in one window
-    with torch.no_grad():
-        logits = model(**enc).logits
-    plain = []
-    for i, s in enumerate(sents):
-        firsts = {}
-        for pos, w in enumerate(enc.word_ids(i)):
-            if w is not None and w not in firsts:
-                firsts[w] = pos
-        plain.append(repair_iob2([model.config.id2label[int(logits[i, firsts[w]].argmax())]
-                                  for w in range(len(s.words))]))
+    assert AutoModelForTokenClassification.from_pretrained(str(out)).config.id2label[0] == "O"
+    assert len(AutoTokenizer.from_pretrained(str(out))([s.words for s in sents], is_split_into_words=True,
+                                                    padding=True)["input_ids"][0]) < 256  # one window each
+    plain = plain_transformers_tags(out, sents)
     ours = [p[0] for p in Predictor(out, device="cpu").predict(sents)]
     assert ours == plain
     n_entities = sum(t.startswith("B-") for tags in plain for t in tags)

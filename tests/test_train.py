@@ -13,11 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ner_overrides, tiny_overrides
+from conftest import ner_overrides, plain_transformers_tags, tiny_overrides
 from tunelab import cli
 from tunelab.config import load_config
 from tunelab.data.conll import read_conll
-from tunelab.data.tags import repair_iob2
 from tunelab.data.text import read_jsonl
 from tunelab.predict import Predictor
 from tunelab.train import checkpoint, train
@@ -91,19 +90,8 @@ def test_ner_plain_transformers_matches_predictor(ner_run, conll_dir):
 
     out, report = ner_run
     sents = read_conll(conll_dir / "test.conll")
-    tok = AutoTokenizer.from_pretrained(str(out))
-    model = AutoModelForTokenClassification.from_pretrained(str(out)).eval()
-    enc = tok([s.words for s in sents], is_split_into_words=True, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**enc).logits
-    plain = []
-    for i, s in enumerate(sents):
-        firsts = {}
-        for pos, w in enumerate(enc.word_ids(i)):
-            if w is not None and w not in firsts:
-                firsts[w] = pos
-        plain.append(repair_iob2([model.config.id2label[int(logits[i, firsts[w]].argmax())]
-                                  for w in range(len(s.words))]))
+    assert AutoModelForTokenClassification.from_pretrained(str(out)).config.id2label[0] == "O"
+    plain = plain_transformers_tags(out, sents)
     ours = Predictor(out, device="cpu").predict(sents)
     assert [p[0] for p in ours] == plain
     assert sum(t != "O" for tags in plain for t in tags) > 10  # it predicts entities at all
