@@ -203,3 +203,14 @@ def test_missing_model_path_raises():
 
     with pytest.raises(TunelabError, match="'/nonexistent'.*never downloads"):
         resolve_model_path("/nonexistent")
+
+
+def test_data_the_tokenizer_cannot_read_is_refused_before_output_is_written(tmp_path, capsys, tiny_model_dir):
+    # Rare CJK characters: the packaged (English, uncased) WordPiece vocabulary has none of them.
+    lines = []
+    for i in range(6):
+        lines += ["鑫 B-PER", "淼 I-PER", "犇 O", "骉 B-LOC", ""]
+    train = write(tmp_path / "zh.conll", "\n".join(lines) + "\n")
+    msg = run_cli(capsys, ["train", recipe(tmp_path, train, extra=f"model:\n  name: {tiny_model_dir}\n")])
+    assert "[UNK]" in msg and "model.max_unk_share" in msg
+    assert not (tmp_path / "out").exists()  # the corrected rerun is not blocked by a half-made run folder

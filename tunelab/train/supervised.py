@@ -78,9 +78,6 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
 
     # Model: pretrained backbone + fresh head whose id2label is our label list.
     path = resolve_model_path(cfg.model.name)
-    # Only now touch output_dir: a run stopped by a mistake in its data or model path leaves nothing there
-    # that would block the corrected rerun.
-    prepare_output(out, cfg, resume, overwrite)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     model = load_model(path, cfg.task, labels, cfg.model.dropout, cfg.model.trust_remote_code).to(device)
     max_length = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
@@ -89,6 +86,9 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
 
     features = task.encode(splits.train, training=True)
     check_coverage(features, tokenizer, cfg.model.name, cfg.model.max_unk_share)
+    # Only now touch output_dir: a run stopped by a mistake in its data, model path or model choice leaves
+    # nothing there that would block the corrected rerun.
+    prepare_output(out, cfg, resume, overwrite)
     lengths = [len(f["input_ids"]) for f in features]
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.task}: {len(splits.train)} train / {len(splits.dev)} dev / {len(splits.test)} test examples, "
