@@ -144,7 +144,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
                                      "grad_norm": grad_norm})
             step_loss, micro = 0.0, 0
             bar.update(1)
-            bar.set_postfix(loss=f"{state['history'][-1]['loss']:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{state['history'][-1]['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
 
             end_of_epoch = b + 1 == len(batches)
             finished = state["step"] >= total_steps
