@@ -91,7 +91,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tunelab.data import check_labels, load_builtin
+    from tunelab.data import check_known_labels, load_builtin
     from tunelab.io import atomic_write_json
     from tunelab.predict import Predictor
     from tunelab.report import metrics_table
@@ -108,7 +108,7 @@ def cmd_eval(args) -> int:
         examples = _read(args, pred.meta["task"], args.data, labelled=True)
     # A label the model never learned cannot be predicted: say so instead of scoring it as a silent miss.
     model_labels = pred.meta["labels"]
-    check_labels_against(examples, model_labels)
+    check_known_labels(examples, model_labels, "is not one the model was trained on")
     predictions = pred.predict(examples, desc="eval")
     metrics = pred.task.metrics(examples, predictions)
     print(metrics_table(metrics))
@@ -123,18 +123,6 @@ def _builtin_names():
     from tunelab.data.packaged import BUILTIN
 
     return BUILTIN
-
-
-def check_labels_against(examples, labels) -> None:
-    from tunelab.data import Sentence
-
-    known = set(labels)
-    for ex in examples:
-        gold = ex.tags if isinstance(ex, Sentence) else [ex.label]
-        for t in gold or []:
-            if t not in known:
-                raise TunelabError(f"{ex.source}:{ex.line}: label {t!r} is not one the model was trained on "
-                                   f"({', '.join(labels)})")
 
 
 def cmd_predict(args) -> int:

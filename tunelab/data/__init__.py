@@ -10,7 +10,7 @@ from tunelab.data.text import read_csv, read_jsonl, read_jsonl_sentences, read_l
 from tunelab.errors import TunelabError
 
 __all__ = ["Sentence", "TextExample", "Splits", "load_builtin", "read_file", "load_splits", "from_records",
-           "from_hf_dataset", "check_labels"]
+           "from_hf_dataset", "check_labels", "check_known_labels"]
 
 
 def file_format(path, fmt: str | None) -> str:
@@ -71,22 +71,22 @@ def check_labels(train: list, others: dict[str, list]) -> list[str]:
         raise TunelabError("no training examples")
     if isinstance(train[0], Sentence):
         labels = label_list(s.tags for s in train)
-        for split, examples in others.items():
-            for s in examples:
-                for w, t in zip(s.words, s.tags or []):
-                    if t not in labels:
-                        raise TunelabError(f"{s.source}:{s.line}: {split} sentence has tag {t!r} (word {w!r}) that "
-                                           f"never occurs in training; known tags: {', '.join(labels)}")
-        return labels
-    labels = sorted({e.label for e in train})
-    if len(labels) < 2:
-        raise TunelabError(f"training data has {len(labels)} distinct label(s); classification needs at least 2")
+    else:
+        labels = sorted({e.label for e in train})
+        if len(labels) < 2:
+            raise TunelabError(f"training data has {len(labels)} distinct label(s); classification needs at least 2")
     for split, examples in others.items():
-        for e in examples:
-            if e.label is not None and e.label not in labels:
-                raise TunelabError(f"{e.source}:{e.line}: {split} label {e.label!r} never occurs in training; "
-                                   f"known labels: {', '.join(labels)}")
+        check_known_labels(examples, labels, f"in the {split} split never occurs in training")
     return labels
+
+
+def check_known_labels(examples: list, labels: list[str], problem: str) -> None:
+    """Every gold label of `examples` is one of `labels`; otherwise an error naming file:line and `problem`."""
+    known = set(labels)
+    for ex in examples:
+        for t in (ex.tags or []) if isinstance(ex, Sentence) else [ex.label]:
+            if t is not None and t not in known:
+                raise TunelabError(f"{ex.source}:{ex.line}: label {t!r} {problem}; known labels: {', '.join(labels)}")
 
 
 def from_records(records: list, task: str) -> list:
