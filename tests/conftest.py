@@ -187,3 +187,29 @@ def plain_transformers_tags(model_dir, sentences) -> list[list[str]]:
         word_logp = np.stack([logp[i, firsts[w]] for w in range(len(s.words))])
         out.append([labels[k] for k in viterbi(word_logp, allowed, start)])
     return out
+
+
+def kill_after_first_checkpoint(recipe, overrides: list[str], log_path) -> None:
+    """Start `tunelab train` in a subprocess and SIGKILL it as soon as a resumable checkpoint exists."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = Path(next(o for o in overrides if o.startswith("output_dir=")).split("=", 1)[1])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(recipe), *overrides],
+                                cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / "checkpoint" / "state.json").is_file():
+                assert proc.poll() is None, Path(log_path).read_text()
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL

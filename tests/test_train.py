@@ -2,18 +2,13 @@
 compatibility, early stopping, exact resume after a kill, gradient accumulation."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ner_overrides, plain_transformers_tags, tiny_overrides
+from conftest import kill_after_first_checkpoint, ner_overrides, plain_transformers_tags, tiny_overrides
 from tunelab import cli
 from tunelab.config import load_config
 from tunelab.data.conll import read_conll
@@ -214,21 +209,7 @@ train:
     report_a = train(load_config(recipe, [f"output_dir={out_a}"]))
     assert report_a["total_steps"] == 36
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with open(tmp_path / "b.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(recipe), f"output_dir={out_b}"],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 240
-            while not (out_b / "checkpoint" / "state.json").is_file():
-                assert proc.poll() is None, (tmp_path / "b.log").read_text()
-                assert time.monotonic() < deadline, "no checkpoint appeared"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_first_checkpoint(recipe, [f"output_dir={out_b}"], tmp_path / "b.log")
     found = checkpoint.find(out_b)
     assert found is not None
     killed_at = json.loads((found / "state.json").read_text())["step"]

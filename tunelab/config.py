@@ -64,16 +64,34 @@ class TrainConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Which parameters train. A new task head (classification) always trains; everything else per method."""
+    method: str = "full"  # full | lora | ia3 | prompt | prefix | bitfit | head
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    target_modules: list[str] | None = None  # LoRA/IA3 targets (module name suffixes); None = peft's default
+    lora_embeddings: bool = False  # LoRA on the input embeddings too
+    virtual_tokens: int = 20  # prompt / prefix tuning
+    prompt_init_text: str | None = None  # prompt tuning: start from this text's embeddings instead of random
+    freeze_embeddings: bool = False  # keep the embedding layer fixed (any method)
+    freeze_layers: int = 0  # keep the lowest N transformer layers fixed (any method)
+    merge: bool = False  # lora/ia3: also save the merged full model in OUTPUT_DIR/merged
+
+
+@dataclass
 class RunConfig:
     task: str = "ner"  # ner | classify
     output_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 TASKS = ("ner", "classify")
-CHOICES = {"task": TASKS, "train.scheduler": ("linear", "cosine", "constant"),
+METHODS = ("full", "lora", "ia3", "prompt", "prefix", "bitfit", "head")
+CHOICES = {"task": TASKS, "tune.method": METHODS, "train.scheduler": ("linear", "cosine", "constant"),
            "data.format": (None, "conll", "jsonl", "csv"),
            "data.tag_scheme": ("iob2", "iob1", "bioes", "bilou", "bmes")}
 
@@ -93,6 +111,13 @@ def _coerce(value, tp, key: str):
             except TunelabError:
                 pass
         raise TunelabError(f"config key {key!r}: expected {_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not value:
+            raise TunelabError(f"config key {key!r}: expected a non-empty list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, key) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -137,13 +162,18 @@ def _validate(cfg: RunConfig):
     checks = [("train.epochs", t.epochs > 0), ("train.batch_size", t.batch_size > 0),
               ("train.grad_accum", t.grad_accum > 0), ("train.lr", t.lr > 0),
               ("train.warmup_ratio", 0 <= t.warmup_ratio < 1), ("model.max_length", cfg.model.max_length >= 8),
-              ("data.context_sentences", cfg.data.context_sentences >= 0)]
+              ("data.context_sentences", cfg.data.context_sentences >= 0), ("tune.lora_r", cfg.tune.lora_r > 0),
+              ("tune.lora_dropout", 0 <= cfg.tune.lora_dropout < 1),
+              ("tune.virtual_tokens", cfg.tune.virtual_tokens > 0), ("tune.freeze_layers", cfg.tune.freeze_layers >= 0)]
     for key, ok in checks:
         if not ok:
             value = cfg
             for part in key.split("."):
                 value = getattr(value, part)
             raise TunelabError(f"config key {key!r}: {value!r} is out of range")
+    if cfg.tune.merge and cfg.tune.method not in ("lora", "ia3"):
+        raise TunelabError(f"config key 'tune.merge': only lora and ia3 adapters merge into the weights, not "
+                           f"tune.method={cfg.tune.method} (its saved model is already complete or cannot merge)")
     if cfg.data.dataset is None and cfg.data.train is None:
         raise TunelabError("config: set data.dataset (a built-in set) or data.train (a file)")
 

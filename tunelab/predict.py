@@ -55,34 +55,114 @@ def predict(task, model, examples: list, device, bf16=False, batch_size=64, desc
     return task.decode(features, logits, len(examples))
 
 
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise TunelabError(f"{folder}: not a tunelab model folder (no {META_FILE}); train one with `tunelab train`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 class Predictor:
-    """A saved tunelab model folder, ready to predict."""
+    """A saved tunelab model folder, ready to predict.
+
+    An adapter folder (tune.method lora/ia3/prompt/prefix) loads its base model once; more adapters trained on
+    the same base can be added with `add_adapter(name, folder)` and chosen per call with
+    `predict(..., adapter=name)`, without reloading the base. Each adapter keeps its own head and labels.
+    """
 
     def __init__(self, model_dir, device="auto", batch_size=64):
+        self.dir = Path(model_dir)
+        self.meta = read_meta(self.dir)
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        self.task = self._task(self.dir, self.meta)
+        self.model = self._load_model().to(self.device).eval()
+        self.adapters = {"default": (self.meta, self.task)} if self.meta.get("adapter") else {}
+        self.active = "default" if self.adapters else None
+
+    @staticmethod
+    def _task(folder, meta):
         from tunelab.models import load_tokenizer
         from tunelab.tasks import make_task
 
-        self.dir = Path(model_dir)
-        meta_path = self.dir / META_FILE
-        if not meta_path.is_file():
-            raise TunelabError(f"{self.dir}: not a tunelab model folder (no {META_FILE}); train one with "
-                               "`tunelab train`")
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        self.device = pick_device(device)
-        self.batch_size = batch_size
-        tokenizer = load_tokenizer(self.dir)
-        self.task = make_task(self.meta["task"], tokenizer, self.meta["labels"], self.meta["max_length"],
-                              self.meta.get("context_sentences", 0))
-        self.model = self._load_model().to(self.device).eval()
+        return make_task(meta["task"], load_tokenizer(folder), meta["labels"], meta["max_length"],
+                         meta.get("context_sentences", 0))
 
     def _load_model(self):
         from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-        from tunelab.models import quiet_transformers
+        from tunelab.models import load_model, quiet_transformers, resolve_model_path
 
         quiet_transformers()
-        cls = AutoModelForTokenClassification if self.meta["task"] == "ner" else AutoModelForSequenceClassification
-        return cls.from_pretrained(str(self.dir), use_safetensors=True)
+        if not self.meta.get("adapter"):
+            cls = AutoModelForTokenClassification if self.meta["task"] == "ner" else AutoModelForSequenceClassification
+            return cls.from_pretrained(str(self.dir), use_safetensors=True)
+        from peft import PeftModel
 
-    def predict(self, examples: list, desc=None) -> list:
-        return predict(self.task, self.model, examples, self.device, batch_size=self.batch_size, desc=desc)
+        base = load_model(resolve_model_path(self.meta["base_model"]), self.meta["task"], self.meta["labels"])
+        model = PeftModel.from_pretrained(base, str(self.dir), adapter_name="default")
+        self._fix_prompt(model, self.meta)
+        return model
+
+    @staticmethod
+    def _fix_prompt(model, meta):
+        from tunelab.peft import shift_token_outputs
+
+        if meta.get("tune") == "prompt" and meta["task"] == "ner" and not getattr(model, "_tunelab_shift", False):
+            shift_token_outputs(model, meta["virtual_tokens"])
+            model._tunelab_shift = True
+
+    def add_adapter(self, name: str, folder) -> None:
+        """Load another adapter trained on the same base model under `name`."""
+        folder = Path(folder)
+        meta = read_meta(folder)
+        if not self.adapters or not meta.get("adapter"):
+            raise TunelabError(f"{folder if self.adapters else self.dir}: not an adapter folder; only adapters "
+                               "(tune.method lora, ia3) share one base model")
+        if name in self.adapters:
+            raise TunelabError(f"adapter name {name!r} is already loaded")
+        first = self.meta
+        for key in ("base_model", "task"):
+            if meta[key] != first[key]:
+                raise TunelabError(f"{folder}: {key} is {meta[key]!r}, but the loaded adapters have "
+                                   f"{first[key]!r}; adapters switched on one model share both")
+        if "prompt" in (meta["tune"], first["tune"]) or "prefix" in (meta["tune"], first["tune"]):
+            raise TunelabError(f"{folder}: prompt and prefix tuning adapters cannot be switched on one model; "
+                               "load them separately")
+        with _head_sized_for(self.model, len(meta["labels"])):
+            self.model.load_adapter(str(folder), adapter_name=name)
+        self.model.to(self.device).eval()
+        self.adapters[name] = (meta, self._task(folder, meta))
+
+    def predict(self, examples: list, desc=None, adapter: str | None = None) -> list:
+        task = self.task
+        if adapter is not None or len(self.adapters) > 1:
+            name = adapter or "default"
+            if name not in self.adapters:
+                raise TunelabError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters)}")
+            if name != self.active:
+                self.model.set_adapter(name)
+                self.active = name
+            task = self.adapters[name][1]
+        return predict(task, self.model, examples, self.device, batch_size=self.batch_size, desc=desc)
+
+
+@contextlib.contextmanager
+def _head_sized_for(model, n_labels: int):
+    """peft copies the base head for each new adapter and then loads the adapter's trained head into the copy;
+    an adapter with a different number of labels needs a copy of its own size."""
+    from peft.utils import ModulesToSaveWrapper
+
+    swapped = []
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and isinstance(module.original_module, torch.nn.Linear):
+            orig = module.original_module
+            if orig.out_features != n_labels:
+                module.original_module = torch.nn.Linear(orig.in_features, n_labels, orig.bias is not None,
+                                                         device=orig.weight.device, dtype=orig.weight.dtype)
+                swapped.append((module, orig))
+    try:
+        yield
+    finally:
+        for module, orig in swapped:
+            module.original_module = orig

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunelab.errors import TunelabError
 from tunelab.io import atomic_write_json
+from tunelab.peft import trainable_state
 
 NAME = "checkpoint"
 BEST = "checkpoint-best.safetensors"
@@ -23,7 +25,7 @@ def save(run_dir, model, optimizer, scheduler, state: dict) -> None:
     tmp, final, old = run_dir / f".{NAME}.tmp", run_dir / NAME, run_dir / f".{NAME}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file(_weights(model), tmp / "model.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -48,7 +50,7 @@ def find(run_dir) -> Path | None:
 
 def load(path, model, optimizer, scheduler, device) -> dict:
     path = Path(path)
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    _restore(model, load_file(path / "model.safetensors", device=str(device)), path)
     optim = torch.load(path / "optim.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
@@ -65,13 +67,26 @@ def save_best(run_dir, model) -> None:
     from tunelab.io import atomic_write_bytes
     from safetensors.torch import save
 
-    atomic_write_bytes(Path(run_dir) / BEST,
-                       save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}))
+    atomic_write_bytes(Path(run_dir) / BEST, save(_weights(model)))
 
 
 def load_best(run_dir, model, device) -> bool:
     path = Path(run_dir) / BEST
     if not path.is_file():
         return False
-    model.load_state_dict(load_file(path, device=str(device)))
+    _restore(model, load_file(path, device=str(device)), path)
     return True
+
+
+def _weights(model) -> dict:
+    # Only what training changes: with LoRA a checkpoint is the adapter, not a second copy of the model.
+    return {k: v.contiguous().cpu() for k, v in trainable_state(model).items()}
+
+
+def _restore(model, weights: dict, path) -> None:
+    result = model.load_state_dict(weights, strict=False)
+    missing = set(trainable_state(model)) - set(weights)
+    if result.unexpected_keys or missing:
+        raise TunelabError(f"{path}: this checkpoint does not fit the model being trained (unexpected "
+                           f"{result.unexpected_keys[:3]}, missing {sorted(missing)[:3]}); was tune.* changed? "
+                           "Start again with --overwrite")

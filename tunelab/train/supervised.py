@@ -17,6 +17,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from tunelab import config as config_mod
+from tunelab import peft as tuning
 from tunelab import progress
 from tunelab.data import Splits, check_labels, load_splits
 from tunelab.data.batching import collate, epoch_batches
@@ -79,7 +80,9 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     # Model: pretrained backbone + fresh head whose id2label is our label list.
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-    model = load_model(path, cfg.task, labels, cfg.model.dropout, cfg.model.trust_remote_code).to(device)
+    model = load_model(path, cfg.task, labels, cfg.model.dropout, cfg.model.trust_remote_code)
+    heads = tuning.head_names(model, cfg.task)
+    model = tuning.apply(model, cfg.tune, cfg.task, path).to(device)
     max_length = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
     task = make_task(cfg.task, tokenizer, labels, max_length, cfg.data.context_sentences)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -90,10 +93,11 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     # nothing there that would block the corrected rerun.
     prepare_output(out, cfg, resume, overwrite)
     lengths = [len(f["input_ids"]) for f in features]
-    n_params = sum(p.numel() for p in model.parameters())
+    trainable, n_params = tuning.count(model)
     log(f"{cfg.task}: {len(splits.train)} train / {len(splits.dev)} dev / {len(splits.test)} test examples, "
         f"{len(labels)} labels; {len(features)} training sequences, {sum(lengths):,} tokens; "
         f"model {path} ({n_params / 1e6:.1f}M params) on {device}")
+    log(f"tune.method={cfg.tune.method}: {tuning.describe(model)}")
     if getattr(task, "truncated", 0):
         log(f"{task.truncated} of {len(features)} training texts are longer than {max_length} tokens and keep "
             "their beginning (raise model.max_length to keep more)")
@@ -102,7 +106,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
     total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
     optimizer, scheduler = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, tc.scheduler,
-                                           round(tc.warmup_ratio * total_steps), total_steps)
+                                           round(tc.warmup_ratio * total_steps), total_steps, heads)
     eval_every = tc.eval_every or steps_per_epoch
 
     state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "evals": [], "best": None, "best_step": None,
@@ -179,6 +183,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         "train_tokens": state["tokens"],
         "padding_share": 1 - state["tokens"] / max(1, state["padded_tokens"]),
         "tokens_per_second": state["tokens"] / max(1e-9, state["train_seconds"]),
+        "tune": {"method": cfg.tune.method, "trainable_params": trainable, "total_params": n_params},
         "seed": tc.seed, "history": state["history"], "evals": state["evals"],
         "dev": next((e["metrics"] for e in state["evals"] if e["step"] == state["best_step"]), None),
         "test": None,
@@ -230,15 +235,40 @@ def evaluate_dev(task, model, dev, device, tc, state, out) -> None:
 
 
 def save_model_folder(out: Path, model, tokenizer, cfg, labels, max_length) -> None:
-    """Weights (safetensors), config with id2label, tokenizer and tunelab's own metadata; each file is
-    written to a temporary folder first and moved into place, so a kill never leaves a half-written file."""
+    """The model folder. Full, BitFit and head-only runs: weights (safetensors), config with id2label and the
+    tokenizer, which plain transformers loads. Adapter runs: the peft adapter (adapter_config.json +
+    adapter_model.safetensors, the task head included) with the base config carrying id2label, which plain peft
+    loads onto the base model; with tune.merge also the merged full model in OUTPUT_DIR/merged. Both get
+    tunelab.json, tunelab's own metadata."""
+    from tunelab.models import PACKAGED
+
+    base = cfg.model.name if cfg.model.name in PACKAGED else str(Path(cfg.model.name).resolve())
+    meta = {"task": cfg.task, "labels": labels, "max_length": max_length,
+            "context_sentences": cfg.data.context_sentences, "base_model": base, "tune": cfg.tune.method,
+            "tunelab_format": 1}
+    adapter = cfg.tune.method in tuning.ADAPTERS
+    if adapter:
+        meta.update(adapter=True, virtual_tokens=cfg.tune.virtual_tokens)
+
+    def write(folder: Path, m) -> None:
+        m.save_pretrained(str(folder))
+        if adapter and m is model:
+            tuning.base_of(model).config.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+
+    publish(out, lambda folder: write(folder, model), meta)
+    if cfg.tune.merge:
+        merged = model.merge_and_unload()  # folds the adapter into the weights, in place
+        publish(out / "merged", lambda folder: write(folder, merged), {**meta, "adapter": False, "merged": True})
+
+
+def publish(out: Path, write, meta: dict) -> None:
+    """Files are written to a temporary folder and then moved into place, so that a kill never leaves a
+    half-written file in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    meta = {"task": cfg.task, "labels": labels, "max_length": max_length,
-            "context_sentences": cfg.data.context_sentences, "base_model": str(cfg.model.name),
-            "tunelab_format": 1}
+    write(tmp)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     for f in tmp.iterdir():
         f.replace(out / f.name)
