@@ -213,3 +213,67 @@ def kill_after_first_checkpoint(recipe, overrides: list[str], log_path) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+WORDS = ["red", "green", "blue", "cat", "dog", "bird", "sun", "moon", "tree", "river"]
+
+
+def make_gen_records(seed: int, n: int) -> list[dict]:
+    """A copy task: the target repeats the prompt's words, which even a tiny model starts to learn."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 4))]
+        out.append({"prompt": "copy: " + " ".join(words), "target": " ".join(words)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def gen_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("generate")
+    for i, (split, n) in enumerate({"train": 64, "dev": 16, "test": 16}.items()):
+        recs = make_gen_records(300 + i, n)
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory, minilm_tokenizer):
+    """A tiny random Llama-style decoder with the MiniLM tokenizer ([SEP] ends a text, [PAD] pads)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = minilm_tokenizer
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory, minilm_tokenizer):
+    """A tiny random T5 encoder-decoder with the MiniLM tokenizer."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-t5")
+    tok = minilm_tokenizer
+    config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d
+
+
+def gen_overrides(gen_dir, model_dir, out, **extra) -> list[str]:
+    values = {"task": "generate", "data.train": gen_dir / "train.jsonl", "data.dev": gen_dir / "dev.jsonl",
+              "data.test": gen_dir / "test.jsonl", "data.max_target_length": 8, "train.lr": 1e-2}
+    values.update(extra)
+    return tiny_overrides(model_dir, out, **values)

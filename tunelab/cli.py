@@ -56,6 +56,8 @@ def _file_options(p) -> None:
     p.add_argument("--label-field", default="label")
     p.add_argument("--tokens-field", default="tokens")
     p.add_argument("--tags-field", default="tags")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--target-field", default="target")
     p.add_argument("--tag-column", type=int, default=-1)
     p.add_argument("--tag-scheme", default="iob2", choices=["iob2", "iob1", "bioes", "bilou", "bmes"])
     p.add_argument("--batch-size", type=int, default=64)
@@ -73,7 +75,7 @@ def _read(args, task: str, path: str, labelled: bool) -> list:
         return read_lines(path)
     return read_file(path, task, fmt, labelled, text_field=args.text_field, label_field=args.label_field,
                      tokens_field=args.tokens_field, tags_field=args.tags_field, tag_column=args.tag_column,
-                     tag_scheme=args.tag_scheme)
+                     tag_scheme=args.tag_scheme, prompt_field=args.prompt_field, target_field=args.target_field)
 
 
 def cmd_train(args) -> int:
@@ -109,8 +111,12 @@ def cmd_eval(args) -> int:
     # A label the model never learned cannot be predicted: say so instead of scoring it as a silent miss.
     model_labels = pred.meta["labels"]
     check_known_labels(examples, model_labels, "is not one the model was trained on")
-    predictions = pred.predict(examples, desc="eval")
-    metrics = pred.task.metrics(examples, predictions)
+    if pred.meta["task"] == "generate":
+        metrics = pred.evaluate(examples, desc="eval")
+        predictions = pred.predict(examples, desc="generate") if args.predictions else None
+    else:
+        predictions = pred.predict(examples, desc="eval")
+        metrics = pred.task.metrics(examples, predictions)
     print(metrics_table(metrics))
     if args.output:
         atomic_write_json(args.output, metrics)
@@ -126,7 +132,7 @@ def _builtin_names():
 
 
 def cmd_predict(args) -> int:
-    from tunelab.data import Sentence, TextExample
+    from tunelab.data import GenExample, Sentence, TextExample
     from tunelab.predict import Predictor
     from tunelab.tasks.ner import split_words
 
@@ -145,7 +151,9 @@ def cmd_predict(args) -> int:
                 and " " not in args.input:
             raise TunelabError(f"{args.input}: no such file (to predict on literal text, quote a sentence)")
         texts = [TextExample(args.input, None, "<argument>", None)]
-        examples = texts if task == "classify" else None
+        examples = texts if task != "ner" else None
+    if task == "generate":  # a line of text or a text argument is a prompt
+        examples = [GenExample(e.text, None, e.source, e.line) if isinstance(e, TextExample) else e for e in examples]
     offsets = None
     if task == "ner" and texts is not None:
         examples, offsets = [], []
@@ -165,6 +173,9 @@ def prediction_records(task, examples, predictions, offsets=None):
     from tunelab.tasks.ner import entity_spans
 
     for i, (ex, p) in enumerate(zip(examples, predictions)):
+        if task == "generate":
+            yield {"prompt": ex.prompt, "output": p} | ({"reference": ex.target} if ex.target is not None else {})
+            continue
         if task == "classify":
             label, probs = p
             yield {"text": ex.text, "label": label, "score": max(probs), "probabilities": probs}

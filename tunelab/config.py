@@ -25,7 +25,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str | None = None  # built-in name (conll2003, msra, bbc_news, chn_sentiment), or use the paths
+    dataset: str | None = None  # built-in name (conll2003, msra, bbc_news, chn_sentiment, bbc_headlines) or paths
     train: str | None = None
     dev: str | None = None
     test: str | None = None
@@ -34,6 +34,10 @@ class DataConfig:
     label_field: str = "label"
     tokens_field: str = "tokens"
     tags_field: str = "tags"
+    prompt_field: str = "prompt"  # generation: JSONL/CSV field of the input
+    target_field: str = "target"  # generation: JSONL/CSV field of the reference output
+    prompt_suffix: str = "\n"  # generation with a causal LM: put between the prompt and the output it learns
+    max_target_length: int = 64  # generation: reference tokens kept in training; new tokens at prediction
     tag_column: int = -1
     tag_scheme: str = "iob2"  # scheme of the input files; converted to IOB2
     context_sentences: int = 0  # NER: up to this many neighbouring sentences of the same document as context
@@ -81,7 +85,7 @@ class TuneConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "ner"  # ner | classify
+    task: str = "ner"  # ner | classify | generate
     output_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -89,7 +93,7 @@ class RunConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
-TASKS = ("ner", "classify")
+TASKS = ("ner", "classify", "generate")
 METHODS = ("full", "lora", "ia3", "prompt", "prefix", "bitfit", "head")
 CHOICES = {"task": TASKS, "tune.method": METHODS, "train.scheduler": ("linear", "cosine", "constant"),
            "data.format": (None, "conll", "jsonl", "csv"),
@@ -162,7 +166,8 @@ def _validate(cfg: RunConfig):
     checks = [("train.epochs", t.epochs > 0), ("train.batch_size", t.batch_size > 0),
               ("train.grad_accum", t.grad_accum > 0), ("train.lr", t.lr > 0),
               ("train.warmup_ratio", 0 <= t.warmup_ratio < 1), ("model.max_length", cfg.model.max_length >= 8),
-              ("data.context_sentences", cfg.data.context_sentences >= 0), ("tune.lora_r", cfg.tune.lora_r > 0),
+              ("data.context_sentences", cfg.data.context_sentences >= 0),
+              ("data.max_target_length", cfg.data.max_target_length > 0), ("tune.lora_r", cfg.tune.lora_r > 0),
               ("tune.lora_dropout", 0 <= cfg.tune.lora_dropout < 1),
               ("tune.virtual_tokens", cfg.tune.virtual_tokens > 0), ("tune.freeze_layers", cfg.tune.freeze_layers >= 0)]
     for key, ok in checks:
@@ -190,6 +195,16 @@ def parse_override(arg: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def _wants_text(cfg, keys: list[str]) -> bool:
+    obj = cfg
+    for k in keys[:-1]:
+        obj = getattr(obj, k, None)
+        if not dataclasses.is_dataclass(obj):
+            return False
+    hint = typing.get_type_hints(type(obj)).get(keys[-1])
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint))
+
+
 def load_config(path=None, overrides=(), base: dict | None = None) -> RunConfig:
     """RunConfig from an optional YAML file, an optional dict, then `key.sub=value` overrides."""
     cfg = RunConfig()
@@ -208,6 +223,8 @@ def load_config(path=None, overrides=(), base: dict | None = None) -> RunConfig:
         _fill(cfg, base, "", "config")
     for arg in overrides:
         keys, value = parse_override(arg)
+        if not isinstance(value, str) and value is not None and _wants_text(cfg, keys):
+            value = arg.split("=", 1)[1]  # a text key takes the text as written (e.g. "Headline:" or "yes")
         nested = value
         for k in reversed(keys):
             nested = {k: nested}

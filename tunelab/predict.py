@@ -49,10 +49,20 @@ def feature_logits(model, features: list[dict], pad_id: int, device, bf16=False,
 
 
 def predict(task, model, examples: list, device, bf16=False, batch_size=64, desc=None) -> list:
+    """Per example: NER (tags, scores), classification (label, probabilities), generation: the output text."""
+    if task.kind == "generate":
+        return task.generate(model, examples, device, bf16, min(batch_size, 16), desc)
     features = task.encode(examples, training=False)
     pad_id = task.tokenizer.pad_token_id if task.tokenizer.pad_token_id is not None else 0
     logits = feature_logits(model, features, pad_id, device, bf16, batch_size, desc)
     return task.decode(features, logits, len(examples))
+
+
+def evaluate(task, model, examples: list, device, bf16=False, batch_size=64, desc=None) -> dict:
+    """Metrics against the examples' gold labels or references; `main` is what model selection maximises."""
+    if task.kind == "generate":
+        return task.evaluate(model, examples, device, bf16, min(batch_size, 16), desc)
+    return task.metrics(examples, predict(task, model, examples, device, bf16, batch_size, desc))
 
 
 def read_meta(folder: Path) -> dict:
@@ -86,16 +96,16 @@ class Predictor:
         from tunelab.tasks import make_task
 
         return make_task(meta["task"], load_tokenizer(folder), meta["labels"], meta["max_length"],
-                         meta.get("context_sentences", 0))
+                         meta.get("context_sentences", 0), **meta.get("generation", {}))
 
     def _load_model(self):
-        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+        from transformers import AutoConfig
 
-        from tunelab.models import load_model, quiet_transformers, resolve_model_path
+        from tunelab.models import load_model, model_class, quiet_transformers, resolve_model_path
 
         quiet_transformers()
         if not self.meta.get("adapter"):
-            cls = AutoModelForTokenClassification if self.meta["task"] == "ner" else AutoModelForSequenceClassification
+            cls = model_class(self.meta["task"], AutoConfig.from_pretrained(str(self.dir)))
             return cls.from_pretrained(str(self.dir), use_safetensors=True)
         from peft import PeftModel
 
@@ -135,6 +145,14 @@ class Predictor:
         self.adapters[name] = (meta, self._task(folder, meta))
 
     def predict(self, examples: list, desc=None, adapter: str | None = None) -> list:
+        task = self._use(adapter)
+        return predict(task, self.model, examples, self.device, batch_size=self.batch_size, desc=desc)
+
+    def evaluate(self, examples: list, desc=None, adapter: str | None = None) -> dict:
+        task = self._use(adapter)
+        return evaluate(task, self.model, examples, self.device, batch_size=self.batch_size, desc=desc)
+
+    def _use(self, adapter):
         task = self.task
         if adapter is not None or len(self.adapters) > 1:
             name = adapter or "default"
@@ -144,7 +162,7 @@ class Predictor:
                 self.model.set_adapter(name)
                 self.active = name
             task = self.adapters[name][1]
-        return predict(task, self.model, examples, self.device, batch_size=self.batch_size, desc=desc)
+        return task
 
 
 @contextlib.contextmanager

@@ -3,13 +3,13 @@
 from pathlib import Path
 
 from tunelab.data.conll import read_conll
-from tunelab.data.examples import Sentence, TextExample
+from tunelab.data.examples import GenExample, Sentence, TextExample
 from tunelab.data.packaged import Splits, load_builtin
 from tunelab.data.tags import to_iob2
 from tunelab.data.text import read_csv, read_jsonl, read_jsonl_sentences, read_lines
 from tunelab.errors import TunelabError
 
-__all__ = ["Sentence", "TextExample", "Splits", "load_builtin", "read_file", "load_splits", "from_records",
+__all__ = ["Sentence", "TextExample", "GenExample", "Splits", "load_builtin", "read_file", "load_splits", "from_records",
            "from_hf_dataset", "check_labels", "check_known_labels"]
 
 
@@ -26,8 +26,16 @@ def file_format(path, fmt: str | None) -> str:
 
 
 def read_file(path, task: str, fmt: str | None = None, labelled: bool = True, *, text_field="text",
-              label_field="label", tokens_field="tokens", tags_field="tags", tag_column=-1, tag_scheme="iob2"):
+              label_field="label", tokens_field="tokens", tags_field="tags", tag_column=-1, tag_scheme="iob2",
+              prompt_field="prompt", target_field="target"):
     fmt = file_format(path, fmt)
+    if task == "generate":
+        if fmt not in ("jsonl", "csv"):
+            raise TunelabError(f"{path}: generation data must be JSONL or CSV with {prompt_field!r} and "
+                               f"{target_field!r} fields")
+        reader = read_jsonl if fmt == "jsonl" else read_csv
+        return [GenExample(e.text, e.label, e.source, e.line)
+                for e in reader(path, prompt_field, target_field, labelled, free_text=True)]
     if task == "ner":
         if fmt == "conll":
             return read_conll(path, tag_column, tag_scheme, labelled)
@@ -47,13 +55,14 @@ def load_splits(data, task: str) -> Splits:
     """Splits from a DataConfig: a built-in set, or train/dev/test files (dev and test optional)."""
     if data.dataset:
         splits = load_builtin(data.dataset)
-        kind = Sentence if task == "ner" else TextExample
+        kind = {"ner": Sentence, "classify": TextExample, "generate": GenExample}[task]
         if not isinstance(splits.train[0], kind):
-            raise TunelabError(f"data.dataset={data.dataset} is a {'NER' if kind is TextExample else 'classification'}"
-                               f" set, but task={task}")
+            what = {Sentence: "an NER", TextExample: "a classification", GenExample: "a generation"}
+            raise TunelabError(f"data.dataset={data.dataset} is {what[type(splits.train[0])]} set, but task={task}")
     else:
         kw = dict(text_field=data.text_field, label_field=data.label_field, tokens_field=data.tokens_field,
-                  tags_field=data.tags_field, tag_column=data.tag_column, tag_scheme=data.tag_scheme)
+                  tags_field=data.tags_field, tag_column=data.tag_column, tag_scheme=data.tag_scheme,
+                  prompt_field=data.prompt_field, target_field=data.target_field)
         splits = Splits(*(read_file(p, task, data.format, **kw) if p else [] for p in (data.train, data.dev, data.test)),
                         {"files": {"train": data.train, "dev": data.dev, "test": data.test}})
     if data.max_train_examples:
@@ -69,6 +78,8 @@ def check_labels(train: list, others: dict[str, list]) -> list[str]:
 
     if not train:
         raise TunelabError("no training examples")
+    if isinstance(train[0], GenExample):
+        return []  # generation has references, not labels
     if isinstance(train[0], Sentence):
         labels = label_list(s.tags for s in train)
     else:
@@ -84,6 +95,8 @@ def check_known_labels(examples: list, labels: list[str], problem: str) -> None:
     """Every gold label of `examples` is one of `labels`; otherwise an error naming file:line and `problem`."""
     known = set(labels)
     for ex in examples:
+        if isinstance(ex, GenExample):
+            continue
         for t in (ex.tags or []) if isinstance(ex, Sentence) else [ex.label]:
             if t is not None and t not in known:
                 raise TunelabError(f"{ex.source}:{ex.line}: label {t!r} {problem}; known labels: {', '.join(labels)}")

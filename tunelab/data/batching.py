@@ -7,19 +7,20 @@ import torch
 
 
 def collate(features: list[dict], pad_id: int) -> dict:
-    """input_ids/attention_mask: (batch, longest); labels: (batch, longest) with -100 padding, or (batch,)."""
+    """input_ids/attention_mask: (batch, longest); labels: (batch, longest label list) with -100 padding (as
+    long as the inputs, except an encoder-decoder's decoder labels), or (batch,)."""
     longest = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), longest), dtype=torch.long)
     token_labels = isinstance(features[0]["labels"], list)
-    labels = torch.full((len(features), longest), -100, dtype=torch.long) if token_labels else \
-        torch.tensor([f["labels"] for f in features], dtype=torch.long)
+    labels = torch.full((len(features), max(len(f["labels"]) for f in features)), -100, dtype=torch.long) \
+        if token_labels else torch.tensor([f["labels"] for f in features], dtype=torch.long)
     for i, f in enumerate(features):
         n = len(f["input_ids"])
         ids[i, :n] = torch.tensor(f["input_ids"])
         mask[i, :n] = 1
         if token_labels:
-            labels[i, :n] = torch.tensor(f["labels"])
+            labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

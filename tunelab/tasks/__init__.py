@@ -17,10 +17,25 @@ class Task(Protocol):
         """Metrics against the examples' gold labels; the key `main` is what model selection maximises."""
 
 
-def make_task(kind: str, tokenizer, labels, max_length: int, context_sentences: int = 0):
+class GenerationTask(Protocol):
+    """Generation tasks have no logits to decode: they score teacher-forced loss and write text."""
+
+    def encode(self, examples: list, training: bool) -> list[dict]: ...
+
+    def evaluate(self, model, examples, device, bf16, batch_size, desc) -> dict:
+        """Metrics with `main` (higher is better)."""
+
+    def generate(self, model, examples, device, bf16, batch_size, desc) -> list[str]: ...
+
+
+def make_task(kind: str, tokenizer, labels, max_length: int, context_sentences: int = 0, *,
+              encoder_decoder: bool = False, prompt_suffix: str = "\n", max_target_length: int = 64):
     from tunelab.tasks.classify import ClassifyTask
+    from tunelab.tasks.generate import GenerateTask
     from tunelab.tasks.ner import NerTask
 
+    if kind == "generate":
+        return GenerateTask(tokenizer, max_length, encoder_decoder, prompt_suffix, max_target_length)
     if kind == "ner":
         return NerTask(tokenizer, labels, max_length, context_sentences)
     return ClassifyTask(tokenizer, labels, max_length)

@@ -24,10 +24,13 @@ from tunelab.data.batching import collate, epoch_batches
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_write_text
 from tunelab.models import load_model, load_tokenizer, resolve_model_path
-from tunelab.predict import META_FILE, autocast, pick_device, predict
+from tunelab.predict import META_FILE, autocast, evaluate, pick_device, predict
 from tunelab.tasks import make_task
 from tunelab.train import checkpoint
 from tunelab.train.optim import build_optimizer
+
+
+SAMPLES = 8  # generation: test outputs shown in the report beside their references
 
 
 def log(msg: str) -> None:
@@ -84,8 +87,14 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     heads = tuning.head_names(model, cfg.task)
     model = tuning.apply(model, cfg.tune, cfg.task, path).to(device)
     max_length = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
-    task = make_task(cfg.task, tokenizer, labels, max_length, cfg.data.context_sentences)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    generation = {}
+    if cfg.task == "generate":
+        generation = {"encoder_decoder": bool(tuning.base_of(model).config.is_encoder_decoder),
+                      "prompt_suffix": cfg.data.prompt_suffix, "max_target_length": cfg.data.max_target_length}
+    task = make_task(cfg.task, tokenizer, labels, max_length, cfg.data.context_sentences, **generation)
+    pad_id = getattr(task, "pad", None)
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     features = task.encode(splits.train, training=True)
     check_coverage(features, tokenizer, cfg.model.name, cfg.model.max_unk_share)
@@ -121,15 +130,18 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     bar = progress.bar(total=total_steps, initial=state["step"], desc="train", unit="step")
     while state["step"] < total_steps and not state["stopped_early"]:
         batches = epoch_batches(lengths, tc.batch_size, tc.seed, state["epoch"], tc.group_by_length)
-        t0, step_loss, micro = time.perf_counter(), 0.0, 0
+        t0, step_loss, micro, step_tokens = time.perf_counter(), 0.0, 0, 0
+        step_start = t0
         for b in range(state["batch"], len(batches)):
             batch = {k: v.to(device) for k, v in collate([features[i] for i in batches[b]], pad_id).items()}
             with autocast(device, tc.bf16):
                 loss = model(**batch).loss
             (loss / tc.grad_accum).backward()
             step_loss += loss.item()
+            real = int(batch["attention_mask"].sum())
+            step_tokens += real
             micro += 1
-            state["tokens"] += int(batch["attention_mask"].sum())
+            state["tokens"] += real
             state["padded_tokens"] += batch["attention_mask"].numel()
             if (b + 1) % tc.grad_accum and b + 1 < len(batches):
                 continue
@@ -144,9 +156,10 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["batch"] = b + 1
+            now = time.perf_counter()
             state["history"].append({"step": state["step"], "loss": step_loss / micro, "lr": lr,
-                                     "grad_norm": grad_norm})
-            step_loss, micro = 0.0, 0
+                                     "grad_norm": grad_norm, "seconds": now - step_start, "tokens": step_tokens})
+            step_loss, micro, step_tokens, step_start = 0.0, 0, 0, now
             bar.update(1)
             bar.set_postfix(loss=f"{state['history'][-1]['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
 
@@ -164,6 +177,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
                 state["train_seconds"] += time.perf_counter() - t0
                 checkpoint.save(out, model, optimizer, scheduler, state)
                 t0 = last_save = time.perf_counter()
+            step_start = time.perf_counter()  # a step's seconds leave out evaluation and checkpointing
             if finished or state["stopped_early"]:
                 break
         else:
@@ -189,9 +203,12 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         "test": None,
     }
     if splits.test:
-        preds = predict(task, model, splits.test, device, tc.bf16, desc="test")
-        report["test"] = task.metrics(splits.test, preds)
-    save_model_folder(out, model, tokenizer, cfg, labels, max_length)
+        report["test"] = evaluate(task, model, splits.test, device, tc.bf16, desc="test")
+    if cfg.task == "generate" and (splits.test or splits.dev):
+        shown = (splits.test or splits.dev)[:SAMPLES]
+        outputs = predict(task, model, shown, device, tc.bf16)
+        report["samples"] = [{"prompt": e.prompt, "reference": e.target, "output": o} for e, o in zip(shown, outputs)]
+    save_model_folder(out, model, tokenizer, cfg, labels, max_length, generation)
     from tunelab.report import write_report
 
     write_report(out, report)
@@ -218,7 +235,7 @@ def check_coverage(features, tokenizer, model_name, max_share) -> None:
 
 
 def evaluate_dev(task, model, dev, device, tc, state, out) -> None:
-    metrics = task.metrics(dev, predict(task, model, dev, device, tc.bf16, desc="dev"))
+    metrics = evaluate(task, model, dev, device, tc.bf16, desc="dev")
     state["evals"].append({"step": state["step"], "epoch": state["epoch"], "dev": metrics["main"],
                            "metrics": metrics})
     improved = state["best"] is None or metrics["main"] > state["best"]
@@ -234,7 +251,7 @@ def evaluate_dev(task, model, dev, device, tc, state, out) -> None:
         (" -> early stop" if state["stopped_early"] else ""))
 
 
-def save_model_folder(out: Path, model, tokenizer, cfg, labels, max_length) -> None:
+def save_model_folder(out: Path, model, tokenizer, cfg, labels, max_length, generation=None) -> None:
     """The model folder. Full, BitFit and head-only runs: weights (safetensors), config with id2label and the
     tokenizer, which plain transformers loads. Adapter runs: the peft adapter (adapter_config.json +
     adapter_model.safetensors, the task head included) with the base config carrying id2label, which plain peft
@@ -246,6 +263,8 @@ def save_model_folder(out: Path, model, tokenizer, cfg, labels, max_length) -> N
     meta = {"task": cfg.task, "labels": labels, "max_length": max_length,
             "context_sentences": cfg.data.context_sentences, "base_model": base, "tune": cfg.tune.method,
             "tunelab_format": 1}
+    if generation:
+        meta["generation"] = generation
     adapter = cfg.tune.method in tuning.ADAPTERS
     if adapter:
         meta.update(adapter=True, virtual_tokens=cfg.tune.virtual_tokens)
