@@ -179,3 +179,23 @@ def test_bbc_headlines_is_bbc_news_with_titles():
     e = heads.test[0]
     assert e.prompt.startswith("Article: ") and e.target and e.target not in e.prompt
     assert len(e.prompt.split()) <= 122
+
+
+def test_python_api_in_memory_generation(tmp_path, tiny_causal_dir):
+    import datasets
+
+    import tunelab
+    from conftest import make_gen_records
+
+    recs = make_gen_records(7, 16)
+    report = tunelab.finetune(None, ["train.epochs=1", "train.batch_size=8", "train.threads=2", "train.device=cpu",
+                                     "data.max_target_length=8"], task="generate",
+                              model={"name": str(tiny_causal_dir)}, output_dir=str(tmp_path / "o"),
+                              train=datasets.Dataset.from_list(recs), dev=recs[:4], test=[(r["prompt"], r["target"])
+                                                                                          for r in recs[4:8]])
+    assert report["sizes"] == {"train": 16, "dev": 4, "test": 4} and report["steps"] == 2
+    assert report["test"]["loss"] > 0
+    with pytest.raises(TunelabError, match="record 0: target must be a non-empty string"):
+        from tunelab.data import from_records
+
+        from_records([{"prompt": "a", "target": ""}], "generate")

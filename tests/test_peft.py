@@ -241,3 +241,29 @@ def test_cli_bad_target_exits_2(tmp_path, conll_dir, tiny_model_dir, capsys):
     err = capsys.readouterr().err
     assert "'nope' matches no module" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # nothing written for a mistake in the config
+
+
+def test_lora_keeps_the_input_dtype_without_changing_the_result(tiny_model_dir):
+    """tunelab stops peft from upcasting LoRA inputs to float32 (a saved copy per layer under autocast):
+    the loss and every gradient under bf16 autocast stay bit-identical."""
+    data = batch(tiny_model_dir, "ner")
+    results = []
+    for keep in (True, False):
+        model = tuning.apply(tiny(tiny_model_dir), TuneConfig(method="lora", target_modules=["all-linear"],
+                                                              lora_dropout=0.0), "ner")
+        flags = [m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert flags and not any(flags)
+        if not keep:
+            for m in model.modules():
+                if hasattr(m, "cast_input_dtype_enabled"):
+                    m.cast_input_dtype_enabled = True
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)  # LoRA's B starts at zero: make the adapter matter
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**data).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (la, ga), (lb, gb) = results
+    assert la == lb and ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)

@@ -104,11 +104,19 @@ def check_known_labels(examples: list, labels: list[str], problem: str) -> None:
 
 def from_records(records: list, task: str) -> list:
     """In-memory data: NER records {"tokens": [...], "tags": [...]} (or (tokens, tags) pairs), classification
-    records {"text": ..., "label": ...} (or (text, label) pairs)."""
+    records {"text": ..., "label": ...} (or (text, label) pairs), generation records {"prompt": ..., "target":
+    ...} (or (prompt, target) pairs)."""
     out = []
     for i, r in enumerate(records):
-        if isinstance(r, (Sentence, TextExample)):
+        if isinstance(r, (Sentence, TextExample, GenExample)):
             out.append(r)
+            continue
+        if task == "generate":
+            prompt, target = (r.get("prompt"), r.get("target")) if isinstance(r, dict) else r
+            for name, value in (("prompt", prompt), ("target", target)):
+                if (value is not None or name == "prompt") and (not isinstance(value, str) or not value.strip()):
+                    raise TunelabError(f"record {i}: {name} must be a non-empty string")
+            out.append(GenExample(prompt, target, "<memory>", i))
             continue
         if task == "ner":
             words, tags = (r.get("tokens"), r.get("tags")) if isinstance(r, dict) else r
@@ -129,10 +137,14 @@ def from_records(records: list, task: str) -> list:
 
 
 def from_hf_dataset(ds, task: str, tokens_field="tokens", tags_field="ner_tags", text_field="text",
-                    label_field="label") -> list:
+                    label_field="label", prompt_field="prompt", target_field="target") -> list:
     """A Hugging Face `datasets.Dataset`; integer ClassLabel columns are turned into their names."""
     cols = ds.column_names
-    if task == "ner":
+    if task == "generate":
+        if prompt_field not in cols or target_field not in cols:
+            raise TunelabError(f"dataset has columns {cols}; need {prompt_field!r} and {target_field!r}")
+        recs = [{"prompt": r[prompt_field], "target": r[target_field]} for r in ds]
+    elif task == "ner":
         if tokens_field not in cols or tags_field not in cols:
             raise TunelabError(f"dataset has columns {cols}; need {tokens_field!r} and {tags_field!r}")
         feat = ds.features[tags_field]

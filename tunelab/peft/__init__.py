@@ -101,11 +101,25 @@ def _with_adapter(model, tune, task, heads, model_path):
     if missing:  # peft wraps heads named classifier/score itself; modules_to_save covers the rest for lora/ia3
         raise TunelabError(f"tune.method={tune.method}: peft would leave the task head {', '.join(missing)} of "
                            f"{type(model).__name__} untrained; use lora, ia3 or full")
+    if tune.method == "lora":
+        keep_input_dtype(wrapped)
     if tune.method == "prefix":
         _check_prefix(wrapped, model.config.model_type)
     if tune.method == "prompt" and task == "ner":
         shift_token_outputs(wrapped, tune.virtual_tokens)
     return wrapped
+
+
+def keep_input_dtype(model) -> None:
+    """peft's LoRA layers cast their input to the adapter's dtype (float32) before the adapter. Under bf16
+    autocast the adapter's matmul casts it straight back to bf16: skipping the round trip saves two copies of
+    every adapted layer's input per step and gives bit-identical results without LoRA dropout (tested; with
+    dropout, the dropout's rescaling is rounded to bf16 one step earlier). On CoNLL with LoRA on every linear
+    layer, training time went from 1.04x to 0.99x full fine-tuning's, one run each; peak memory did not change.
+    Without autocast the input is already float32 and nothing changes."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def _check_prefix(wrapped, model_type):
