@@ -346,6 +346,12 @@ def fmt(x, spec=".1f", none="—"):
     return none if x is None else format(x, spec)
 
 
+def failed_row(r: dict, columns: int) -> str:
+    """A table row for a run that failed: its name and the start of its error, the other cells empty."""
+    msg = r["error"].replace("|", "/").replace("\n", " ")
+    return f"| {r['run']} | failed: {msg[:160]} |" + " |" * (columns - 2)
+
+
 def table(results: list[dict]) -> str:
     base = next((r for r in results if r["run"] == BASELINE and "error" not in r), None)
     rows = ["| run | bf16 | batches | train s | total s | train time vs default | tokens/s | tokens/s vs default "
@@ -353,8 +359,7 @@ def table(results: list[dict]) -> str:
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            msg = r["error"].replace("|", "/").replace("\n", " ")
-            rows.append(f"| {r['run']} | failed: {msg[:160]} |" + " |" * 11)
+            rows.append(failed_row(r, 13))
             continue
         t_ratio = r["train_seconds"] / base["train_seconds"] if base else None
         s_ratio = r["tokens_per_second"] / base["tokens_per_second"] if base else None

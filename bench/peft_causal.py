@@ -13,7 +13,6 @@ lora_all (r=8 on every linear layer, lr 5e-4), prompt (20 virtual tokens, lr 3e-
 """
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ner_vs_trainer import fmt, peak_rss_mib, strip_option  # noqa: E402
-from peft_conll import host_info, spawn  # noqa: E402
+from ner_vs_trainer import failed_row, fmt, strip_option  # noqa: E402
+from peft_conll import child_main, host_info, spawn  # noqa: E402
 
 RUNS = {
     "base": (None, []),
@@ -98,7 +97,7 @@ def table(results) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['run']} | failed: {r['error'][:150]} |" + " |" * 11)
+            rows.append(failed_row(r, 13))
             continue
         share = r["trainable_params"] / r["total_params"] if "trainable_params" in r else None
         rel = (lambda k: fmt(r[k] / full[k], ".2f") + "×" if full and k in r else "—")
@@ -129,15 +128,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.child:
-        result = {"run": args.child}
-        try:
-            result.update(run_child(args))
-        except BaseException as e:
-            result["error"] = f"{type(e).__name__}: {e}"
-            raise
-        finally:
-            result["peak_rss_mib_self"] = peak_rss_mib()
-            Path(args.child_out).write_text(json.dumps(result, indent=2))
+        child_main(args, run_child)
         return 0
 
     runs = [r for r in args.runs.split(",") if r]

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ner_vs_trainer import child_env, fmt, peak_rss_mib, strip_option  # noqa: E402
+from ner_vs_trainer import child_env, failed_row, fmt, peak_rss_mib, strip_option  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "conll2003_quick.yaml"
 
@@ -129,12 +129,14 @@ def run_method(args) -> dict:
     }
 
 
-def child_main(args) -> None:
+def child_main(args, run=None) -> None:
+    """Run one measurement in this (child) process; its result, or its error, goes to --child-out as JSON.
+    `run`: the function doing the work (run_method here; other benches pass theirs)."""
     import json
 
     result = {"run": args.child}
     try:
-        result.update(run_method(args))
+        result.update((run or run_method)(args))
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}"
         raise
@@ -183,8 +185,7 @@ def table(results: list[dict]) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            msg = r["error"].replace("|", "/").replace("\n", " ")
-            rows.append(f"| {r['run']} | failed: {msg[:160]} |" + " |" * 14)
+            rows.append(failed_row(r, 16))
             continue
         d_f1 = (r["test_f1"] - base["test_f1"]) * 100 if base and r["test_f1"] is not None else None
         x = "×" if base else ""

@@ -118,19 +118,25 @@ def minilm_tokenizer():
     return load_tokenizer(resolve_model_path("all-MiniLM-L6-v2"))
 
 
+def save_tiny(tmp_path_factory, name: str, model_class, config, tokenizer):
+    """A model folder with seeded random weights built from `config` and the given (real) tokenizer."""
+    import torch
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp(name)
+    model_class(config).save_pretrained(str(d))
+    tokenizer.save_pretrained(str(d))
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, minilm_tokenizer):
     """A tiny random BERT (2 layers, hidden 32) with the real packaged MiniLM tokenizer."""
-    import torch
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-bert")
     config = BertConfig(vocab_size=len(minilm_tokenizer), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(str(d))
-    minilm_tokenizer.save_pretrained(str(d))
-    return d
+    return save_tiny(tmp_path_factory, "tiny-bert", BertModel, config, minilm_tokenizer)
 
 
 def tiny_overrides(model_dir, out, **extra) -> list[str]:
@@ -240,36 +246,26 @@ def gen_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_causal_dir(tmp_path_factory, minilm_tokenizer):
     """A tiny random Llama-style decoder with the MiniLM tokenizer ([SEP] ends a text, [PAD] pads)."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-llama")
     tok = minilm_tokenizer
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
                          tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
-    return d
+    return save_tiny(tmp_path_factory, "tiny-llama", LlamaForCausalLM, config, tok)
 
 
 @pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory, minilm_tokenizer):
     """A tiny random T5 encoder-decoder with the MiniLM tokenizer."""
-    import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-t5")
     tok = minilm_tokenizer
     config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
                       decoder_start_token_id=tok.pad_token_id)
-    T5ForConditionalGeneration(config).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
-    return d
+    return save_tiny(tmp_path_factory, "tiny-t5", T5ForConditionalGeneration, config, tok)
 
 
 def gen_overrides(gen_dir, model_dir, out, **extra) -> list[str]:

@@ -28,23 +28,38 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout off for inference, and the model's previous mode back afterwards (dev evaluation runs in the
+    middle of training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def inference_batches(features: list[dict], batch_size: int, desc: str | None):
+    """Feature indices in length-sorted batches, with a progress bar when `desc` is given."""
+    batches = eval_batches([len(f["input_ids"]) for f in features], batch_size)
+    return progress.bar(iterable=batches, desc=desc, disable=desc is None, leave=False, unit="batch")
+
+
 @torch.inference_mode()
 def feature_logits(model, features: list[dict], pad_id: int, device, bf16=False, batch_size=64,
                    desc: str | None = None) -> list:
     """Logits per feature, as float32 numpy: (seq, labels) trimmed to the feature's length, or (labels,)."""
-    was_training = model.training
-    model.eval()
     out = [None] * len(features)
-    batches = eval_batches([len(f["input_ids"]) for f in features], batch_size)
-    for idx in progress.bar(iterable=batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
-        batch = collate([features[i] for i in idx], pad_id)
-        with autocast(device, bf16):
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-        logits = logits.float().cpu().numpy()
-        for row, i in enumerate(idx):
-            out[i] = logits[row, : len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row]
-    model.train(was_training)
+    with eval_mode(model):
+        for idx in inference_batches(features, batch_size, desc):
+            batch = collate([features[i] for i in idx], pad_id)
+            with autocast(device, bf16):
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+            logits = logits.float().cpu().numpy()
+            for row, i in enumerate(idx):
+                out[i] = logits[row, : len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row]
     return out
 
 
@@ -53,8 +68,7 @@ def predict(task, model, examples: list, device, bf16=False, batch_size=64, desc
     if task.kind == "generate":
         return task.generate(model, examples, device, bf16, min(batch_size, 16), desc)
     features = task.encode(examples, training=False)
-    pad_id = task.tokenizer.pad_token_id if task.tokenizer.pad_token_id is not None else 0
-    logits = feature_logits(model, features, pad_id, device, bf16, batch_size, desc)
+    logits = feature_logits(model, features, task.pad, device, bf16, batch_size, desc)
     return task.decode(features, logits, len(examples))
 
 
@@ -111,16 +125,11 @@ class Predictor:
 
         base = load_model(resolve_model_path(self.meta["base_model"]), self.meta["task"], self.meta["labels"])
         model = PeftModel.from_pretrained(base, str(self.dir), adapter_name="default")
-        self._fix_prompt(model, self.meta)
+        if self.meta["tune"] == "prompt" and self.meta["task"] == "ner":
+            from tunelab.peft import shift_token_outputs
+
+            shift_token_outputs(model, self.meta["virtual_tokens"])
         return model
-
-    @staticmethod
-    def _fix_prompt(model, meta):
-        from tunelab.peft import shift_token_outputs
-
-        if meta.get("tune") == "prompt" and meta["task"] == "ner" and not getattr(model, "_tunelab_shift", False):
-            shift_token_outputs(model, meta["virtual_tokens"])
-            model._tunelab_shift = True
 
     def add_adapter(self, name: str, folder) -> None:
         """Load another adapter trained on the same base model under `name`."""

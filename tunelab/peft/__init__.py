@@ -217,8 +217,7 @@ def count(model) -> tuple[int, int]:
     return trainable, total
 
 
-def describe(model) -> str:
-    trainable, total = count(model)
+def describe(trainable: int, total: int) -> str:
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.3g} %)"
 
 

@@ -6,6 +6,7 @@ from typing import Protocol
 
 class Task(Protocol):
     labels: list[str]
+    pad: int  # the input id that pads a batch (collate)
 
     def encode(self, examples: list, training: bool) -> list[dict]:
         """Features: dicts with input_ids (list[int]), labels (list[int] or int), example (int)."""

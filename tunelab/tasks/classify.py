@@ -19,6 +19,7 @@ class ClassifyTask:
         self.label2id = {label: i for i, label in enumerate(labels)}
         self.max_length = max_length
         self.truncated = 0  # of the last encode() call
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.suffix = special_tokens(tokenizer)[1]
 
     def encode(self, examples: list[TextExample], training: bool) -> list[dict]:

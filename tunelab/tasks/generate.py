@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from tunelab import progress
-from tunelab.data.batching import collate, eval_batches
+from tunelab.data.batching import collate
 from tunelab.data.examples import GenExample
+from tunelab.predict import autocast, eval_mode, inference_batches
 from tunelab.tasks.ner import special_tokens
 
 
@@ -66,50 +66,40 @@ class GenerateTask:
     @torch.inference_mode()
     def evaluate(self, model, examples, device, bf16=False, batch_size=16, desc=None) -> dict:
         """Mean loss per reference token (and perplexity) under teacher forcing."""
-        from tunelab.predict import autocast
-
-        was_training = model.training
-        model.eval()
         features = self.encode(examples, training=True)
         total, count = 0.0, 0
-        for idx in progress.bar(iterable=eval_batches([len(f["input_ids"]) for f in features], batch_size),
-                                desc=desc, disable=desc is None, leave=False, unit="batch"):
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], self.pad).items()}
-            with autocast(device, bf16):
-                loss = model(**batch).loss.float().item()
-            labels = batch["labels"] if self.encoder_decoder else batch["labels"][:, 1:]  # causal: shifted
-            n = int((labels != -100).sum())
-            total, count = total + loss * n, count + n
-        model.train(was_training)
+        with eval_mode(model):
+            for idx in inference_batches(features, batch_size, desc):
+                batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], self.pad).items()}
+                with autocast(device, bf16):
+                    loss = model(**batch).loss.float().item()
+                labels = batch["labels"] if self.encoder_decoder else batch["labels"][:, 1:]  # causal: shifted
+                n = int((labels != -100).sum())
+                total, count = total + loss * n, count + n
         loss = total / max(1, count)
         return {"main": -loss, "loss": loss, "perplexity": math.exp(min(loss, 50)), "target_tokens": count}
 
     @torch.inference_mode()
     def generate(self, model, examples, device, bf16=False, batch_size=16, desc=None) -> list[str]:
         """Greedy outputs, one string per example."""
-        from tunelab.predict import autocast
-
-        was_training = model.training
-        model.eval()
         prompts = [GenExample(e.prompt, None, e.source, e.line) for e in examples]
         features = self.encode(prompts, training=False)
         out = [None] * len(examples)
-        for idx in progress.bar(iterable=eval_batches([len(f["input_ids"]) for f in features], batch_size),
-                                desc=desc, disable=desc is None, leave=False, unit="batch"):
-            rows = [features[i]["input_ids"] for i in idx]
-            longest = max(map(len, rows))
-            ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, row in enumerate(rows):
-                # A decoder continues from the last position, so its prompts are padded on the left.
-                sl = slice(longest - len(row), longest) if not self.encoder_decoder else slice(0, len(row))
-                ids[r, sl], mask[r, sl] = torch.tensor(row), 1
-            with autocast(device, bf16):
-                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                     max_new_tokens=self.max_target_length, pad_token_id=self.pad,
-                                     eos_token_id=self.eos)
-            new = gen if self.encoder_decoder else gen[:, longest:]
-            for r, i in enumerate(idx):
-                out[i] = self.tokenizer.decode(new[r], skip_special_tokens=True).strip()
-        model.train(was_training)
+        with eval_mode(model):
+            for idx in inference_batches(features, batch_size, desc):
+                rows = [features[i]["input_ids"] for i in idx]
+                longest = max(map(len, rows))
+                ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, row in enumerate(rows):
+                    # A decoder continues from the last position, so its prompts are padded on the left.
+                    sl = slice(longest - len(row), longest) if not self.encoder_decoder else slice(0, len(row))
+                    ids[r, sl], mask[r, sl] = torch.tensor(row), 1
+                with autocast(device, bf16):
+                    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                         max_new_tokens=self.max_target_length, pad_token_id=self.pad,
+                                         eos_token_id=self.eos)
+                new = gen if self.encoder_decoder else gen[:, longest:]
+                for r, i in enumerate(idx):
+                    out[i] = self.tokenizer.decode(new[r], skip_special_tokens=True).strip()
         return out

@@ -83,6 +83,7 @@ class NerTask:
         self.label2id = {label: i for i, label in enumerate(labels)}
         self.max_length = max_length
         self.context_sentences = context_sentences
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.prefix, self.suffix = special_tokens(tokenizer)
         self.budget = max_length - len(self.prefix) - len(self.suffix)
         self.allowed, self.start_allowed = iob2_transitions(labels)

@@ -92,9 +92,6 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         generation = {"encoder_decoder": bool(tuning.base_of(model).config.is_encoder_decoder),
                       "prompt_suffix": cfg.data.prompt_suffix, "max_target_length": cfg.data.max_target_length}
     task = make_task(cfg.task, tokenizer, labels, max_length, cfg.data.context_sentences, **generation)
-    pad_id = getattr(task, "pad", None)
-    if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     features = task.encode(splits.train, training=True)
     check_coverage(features, tokenizer, cfg.model.name, cfg.model.max_unk_share)
@@ -106,7 +103,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     log(f"{cfg.task}: {len(splits.train)} train / {len(splits.dev)} dev / {len(splits.test)} test examples, "
         f"{len(labels)} labels; {len(features)} training sequences, {sum(lengths):,} tokens; "
         f"model {path} ({n_params / 1e6:.1f}M params) on {device}")
-    log(f"tune.method={cfg.tune.method}: {tuning.describe(model)}")
+    log(f"tune.method={cfg.tune.method}: {tuning.describe(trainable, n_params)}")
     if getattr(task, "truncated", 0):
         log(f"{task.truncated} of {len(features)} training texts are longer than {max_length} tokens and keep "
             "their beginning (raise model.max_length to keep more)")
@@ -133,7 +130,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         t0, step_loss, micro, step_tokens = time.perf_counter(), 0.0, 0, 0
         step_start = t0
         for b in range(state["batch"], len(batches)):
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in batches[b]], pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in batches[b]], task.pad).items()}
             with autocast(device, tc.bf16):
                 loss = model(**batch).loss
             (loss / tc.grad_accum).backward()
