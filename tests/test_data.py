@@ -1,12 +1,14 @@
 """Data readers, tag-scheme conversion, built-in sets and in-memory records."""
 
+import bz2
+import csv
 import json
 
 import pytest
 
 from tunelab.data import Sentence, TextExample, check_labels, from_hf_dataset, from_records, load_splits, read_file
 from tunelab.data.conll import read_conll, write_conll
-from tunelab.data.packaged import bbc_news, chn_sentiment, conll2003, load_builtin, msra
+from tunelab.data.packaged import bbc_news, chn_sentiment, conll2003, load_builtin, msra, rt_sentiment
 from tunelab.data.tags import entity_types, label_list, repair_iob2, to_iob2
 from tunelab.data.text import read_csv, read_jsonl, read_jsonl_sentences, read_lines
 from tunelab.errors import TunelabError
@@ -265,6 +267,32 @@ def test_split_sets_disjoint_and_deterministic(loader):
 def test_bbc_news_classes():
     sp = bbc_news()
     assert sorted({e.label for e in sp.train}) == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_rt_sentiment_split_by_movie():
+    a, b = rt_sentiment(), load_builtin("rt_sentiment")
+    splits = (a.train, a.dev, a.test)
+    # Read the CSV again, independently: each text's labels and the movie of its first review row.
+    with bz2.open(a.about["files"], "rt", encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f)]
+    labels, movie = {}, {}
+    for r in rows:
+        if r["category"] != "plot":
+            t = " ".join(r["text"].split())
+            labels.setdefault(t, set()).add(r["category"])
+            movie.setdefault(t, r["movie_name"])
+    kept = sorted(t for t, ls in labels.items() if len(ls) == 1)
+    assert sorted(e.text for part in splits for e in part) == kept  # every kept text, each exactly once
+    assert [len(part) for part in splits] == [10231, 1251, 1270]  # the documented benchmark split
+    movies = [{movie[e.text] for e in part} for part in splits]
+    assert not movies[0] & movies[1] and not movies[0] & movies[2] and not movies[1] & movies[2]
+    for part in splits:
+        assert {e.label for e in part} == {"fresh", "rotten"}
+        assert all(labels[e.text] == {e.label} for e in part)
+    for e in a.test[:100]:  # `line` is the CSV row: data row + 1 for the header
+        assert " ".join(rows[e.line - 2]["text"].split()) == e.text
+    for x, y in zip(splits, (b.train, b.dev, b.test)):
+        assert [(e.text, e.label, e.line) for e in x] == [(e.text, e.label, e.line) for e in y]
 
 
 def test_msra_sizes():

@@ -12,6 +12,9 @@ EPILOG = """examples:
   tunelab eval runs/ner --data conll2003:test
   tunelab predict runs/ner "Angela Merkel visited Paris ."
   tunelab predict runs/ner sentences.txt -o entities.jsonl
+  tunelab train recipes/multitask_en.yaml output_dir=runs/mtl
+  tunelab predict runs/mtl --task sentiment "A gorgeous, witty film ."
+  tunelab export runs/mtl --task ner runs/ner-only
 """
 
 
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _file_options(e)
     e.add_argument("--output", "-o", help="also write the metrics (JSON) here")
     e.add_argument("--predictions", help="write the predictions here (.conll for NER columns, else JSONL)")
+    e.add_argument("--task", help="multi-task folders: the task to evaluate")
 
     r = sub.add_parser("predict", help="predict with a trained model folder",
                        description="Predict on a text given on the command line, or a file: .txt (one text a "
@@ -47,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("input", help="a file path, or the text itself")
     _file_options(r)
     r.add_argument("--output", "-o", help="output file (default: standard output)")
+    r.add_argument("--task", help="multi-task folders: the task to predict")
+
+    x = sub.add_parser("export", help="write one task of a multi-task folder as a plain transformers model",
+                       description="Export task NAME of a multi-task folder as a standalone model folder that "
+                                   "plain transformers loads (AutoModelFor... with id2label; a per-task LoRA "
+                                   "adapter is merged into the weights) and tunelab predict/eval/serve use.")
+    x.add_argument("model_dir")
+    x.add_argument("--task", required=True, help="the task to export")
+    x.add_argument("output", help="the folder to write (must not exist or be empty)")
     return p
 
 
@@ -84,6 +97,15 @@ def cmd_train(args) -> int:
     from tunelab.train import train
 
     cfg = load_config(args.recipe, args.overrides)
+    if cfg.task == "multitask":
+        from tunelab.multitask import train as train_multitask
+
+        report = train_multitask(cfg, resume=args.resume, overwrite=args.overwrite)
+        for name, entry in report["tasks"].items():
+            if entry.get("test"):
+                print(f"\n== {name}: test ==\n{metrics_table(entry['test'])}")
+        print(f"\nmodel, report and curves: {cfg.output_dir}")
+        return 0
     report = train(cfg, resume=args.resume, overwrite=args.overwrite)
     for split in ("dev", "test"):
         if report.get(split):
@@ -99,6 +121,8 @@ def cmd_eval(args) -> int:
     from tunelab.report import metrics_table
 
     pred = Predictor(args.model_dir, args.device, args.batch_size)
+    info = pred.task_meta(args.task)
+    kind = info["task"]
     name, _, split = args.data.partition(":")
     if not Path(args.data).exists() and (split or name in _builtin_names()):
         splits = load_builtin(name)
@@ -107,21 +131,20 @@ def cmd_eval(args) -> int:
             raise TunelabError(f"--data {args.data}: split must be train, dev or test")
         examples = getattr(splits, split)
     else:
-        examples = _read(args, pred.meta["task"], args.data, labelled=True)
+        examples = _read(args, kind, args.data, labelled=True)
     # A label the model never learned cannot be predicted: say so instead of scoring it as a silent miss.
-    model_labels = pred.meta["labels"]
-    check_known_labels(examples, model_labels, "is not one the model was trained on")
-    if pred.meta["task"] == "generate":
-        metrics = pred.evaluate(examples, desc="eval")
-        predictions = pred.predict(examples, desc="generate") if args.predictions else None
+    check_known_labels(examples, info["labels"], "is not one the model was trained on")
+    if kind == "generate":
+        metrics = pred.evaluate(examples, desc="eval", task=args.task)
+        predictions = pred.predict(examples, desc="generate", task=args.task) if args.predictions else None
     else:
-        predictions = pred.predict(examples, desc="eval")
-        metrics = pred.task.metrics(examples, predictions)
+        predictions = pred.predict(examples, desc="eval", task=args.task)
+        metrics = pred.metrics(examples, predictions, task=args.task)
     print(metrics_table(metrics))
     if args.output:
         atomic_write_json(args.output, metrics)
     if args.predictions:
-        write_predictions(args.predictions, pred.meta["task"], examples, predictions)
+        write_predictions(args.predictions, kind, examples, predictions)
     return 0
 
 
@@ -137,7 +160,7 @@ def cmd_predict(args) -> int:
     from tunelab.tasks.ner import split_words
 
     pred = Predictor(args.model_dir, args.device, args.batch_size)
-    task = pred.meta["task"]
+    task = pred.task_meta(args.task)["task"]
     path = Path(args.input)
     texts = None
     if path.is_file():
@@ -164,8 +187,22 @@ def cmd_predict(args) -> int:
             # Each line is its own document: unrelated lines must not serve as each other's context.
             examples.append(Sentence(words, None, len(examples), t.source, t.line))
             offsets.append((t.text, offs))
-    predictions = pred.predict(examples, desc="predict" if len(examples) > 64 else None)
+    predictions = pred.predict(examples, desc="predict" if len(examples) > 64 else None, task=args.task)
     write_predictions(args.output, task, examples, predictions, offsets)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tunelab.multitask.model import export
+    from tunelab.predict import read_meta
+
+    meta = read_meta(args.model_dir)
+    if meta["task"] != "multitask":
+        raise TunelabError(f"{args.model_dir}: not a multi-task folder; it is already a standalone "
+                           f"{meta['task']} model")
+    export(args.model_dir, meta, args.task, args.output)
+    print(f"task {args.task} exported to {args.output} (loads with transformers "
+          f"{meta['tasks'][args.task]['task']} Auto classes, and with tunelab predict/eval)")
     return 0
 
 
@@ -217,7 +254,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+                "export": cmd_export}[args.command](args)
     except TunelabError as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str | None = None  # built-in name (conll2003, msra, bbc_news, chn_sentiment, bbc_headlines) or paths
+    # a built-in set (conll2003, msra, bbc_news, chn_sentiment, rt_sentiment, bbc_headlines); unset: the files below
+    dataset: str | None = None
     train: str | None = None
     dev: str | None = None
     test: str | None = None
@@ -84,20 +85,46 @@ class TuneConfig:
 
 
 @dataclass
+class TaskSpec:
+    """One task of a multi-task run (`tasks: {NAME: ...}`): its head type, data and loss weight."""
+    task: str = "classify"  # ner | classify | generate
+    data: DataConfig = field(default_factory=DataConfig)
+    weight: float = 1.0  # multitask.weighting=fixed: this task's loss is multiplied by it
+    max_length: int | None = None  # sub-word tokens per sequence for this task; None = model.max_length
+
+
+@dataclass
+class MultiTaskConfig:
+    """How the tasks of a multi-task run share the steps and the loss (task: multitask)."""
+    sampling: str = "temperature"  # proportional | temperature | round_robin | annealed
+    temperature: float = 2.0  # sampling=temperature: task probability proportional to size^(1/T)
+    anneal_min: float = 0.2  # sampling=annealed: the exponent on size falls from 1 to this over training
+    mix: str = "one"  # one: each micro-batch is one task's | all: each step takes one batch of every task
+    weighting: str = "fixed"  # fixed (tasks.NAME.weight) | uncertainty (learned) | pcgrad (needs mix=all)
+    select: str = "mean"  # model selection and early stopping: mean of the task scores, or one task's name
+    train_backbone: bool = False  # tune.method=lora (per-task adapters): also train the shared backbone
+
+
+@dataclass
 class RunConfig:
-    task: str = "ner"  # ner | classify | generate
+    task: str = "ner"  # ner | classify | generate | multitask
     output_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)  # task: multitask
+    multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
 
 
 TASKS = ("ner", "classify", "generate")
 METHODS = ("full", "lora", "ia3", "prompt", "prefix", "bitfit", "head")
-CHOICES = {"task": TASKS, "tune.method": METHODS, "train.scheduler": ("linear", "cosine", "constant"),
+MULTITASK_METHODS = ("full", "lora", "bitfit", "head")  # lora: one adapter per task on the shared backbone
+CHOICES = {"task": TASKS + ("multitask",), "tune.method": METHODS, "train.scheduler": ("linear", "cosine", "constant"),
            "data.format": (None, "conll", "jsonl", "csv"),
-           "data.tag_scheme": ("iob2", "iob1", "bioes", "bilou", "bmes")}
+           "data.tag_scheme": ("iob2", "iob1", "bioes", "bilou", "bmes"),
+           "multitask.sampling": ("proportional", "temperature", "round_robin", "annealed"),
+           "multitask.mix": ("one", "all"), "multitask.weighting": ("fixed", "uncertainty", "pcgrad")}
 
 
 def _coerce(value, tp, key: str):
@@ -149,7 +176,16 @@ def _fill(obj, values: dict, prefix: str, source: str):
         if k not in names:
             raise TunelabError(f"{source}: unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
         current = getattr(obj, k)
-        if dataclasses.is_dataclass(current):
+        if typing.get_origin(hints[k]) is dict:  # named sub-sections (tasks: {NAME: {...}})
+            if not isinstance(v, dict) or not v:
+                raise TunelabError(f"{source}: {key} must be a non-empty mapping of names to sections, got {v!r}")
+            item = typing.get_args(hints[k])[1]
+            for name, sub in v.items():
+                if not isinstance(name, str) or not name.isidentifier():
+                    raise TunelabError(f"{source}: {key}: name {name!r} must be a plain identifier (letters, "
+                                       "digits, _)")
+                _fill(current.setdefault(name, item()), sub, f"{key}.{name}.", source)
+        elif dataclasses.is_dataclass(current):
             _fill(current, v, key + ".", source)
         else:
             setattr(obj, k, _coerce(v, hints[k], key))
@@ -179,8 +215,47 @@ def _validate(cfg: RunConfig):
     if cfg.tune.merge and cfg.tune.method not in ("lora", "ia3"):
         raise TunelabError(f"config key 'tune.merge': only lora and ia3 adapters merge into the weights, not "
                            f"tune.method={cfg.tune.method} (its saved model is already complete or cannot merge)")
-    if cfg.data.dataset is None and cfg.data.train is None:
+    if cfg.task == "multitask":
+        _validate_multitask(cfg)
+    elif cfg.tasks:
+        raise TunelabError("config key 'tasks' is for task: multitask; set task=multitask or remove 'tasks'")
+    elif cfg.data.dataset is None and cfg.data.train is None:
         raise TunelabError("config: set data.dataset (a built-in set) or data.train (a file)")
+
+
+def _validate_multitask(cfg: RunConfig):
+    m = cfg.multitask
+    if len(cfg.tasks) < 2:
+        raise TunelabError("task: multitask needs at least two entries under 'tasks' (NAME: {task: ner|classify|"
+                           "generate, data: {...}, weight: 1.0}); one task is a plain run (task: ner ...)")
+    for name, spec in cfg.tasks.items():
+        key = f"tasks.{name}"
+        if spec.task not in TASKS:
+            raise TunelabError(f"config key '{key}.task': {spec.task!r} is not one of {', '.join(TASKS)}")
+        if spec.data.dataset is None and spec.data.train is None:
+            raise TunelabError(f"config: set {key}.data.dataset (a built-in set) or {key}.data.train (a file)")
+        if not spec.weight > 0:
+            raise TunelabError(f"config key '{key}.weight': {spec.weight!r} must be > 0")
+        if spec.max_length is not None and spec.max_length < 8:
+            raise TunelabError(f"config key '{key}.max_length': {spec.max_length!r} is out of range")
+    if cfg.tune.method not in MULTITASK_METHODS:
+        raise TunelabError(f"config key 'tune.method': multi-task runs take {', '.join(MULTITASK_METHODS)} "
+                           f"(lora = one adapter per task), not {cfg.tune.method}")
+    if cfg.tune.merge:
+        raise TunelabError("config key 'tune.merge': a multi-task folder keeps its per-task adapters; "
+                           "`tunelab export DIR --task NAME OUT` writes one task merged into a plain model")
+    if m.weighting == "pcgrad" and m.mix != "all":
+        raise TunelabError("config key 'multitask.weighting': pcgrad compares the tasks' gradients within a "
+                           "step, so it needs multitask.mix=all (one batch of every task per step)")
+    if m.select != "mean" and m.select not in cfg.tasks:
+        raise TunelabError(f"config key 'multitask.select': {m.select!r} is neither 'mean' nor a task name "
+                           f"({', '.join(cfg.tasks)})")
+    if m.temperature <= 0 or not 0 < m.anneal_min <= 1:
+        raise TunelabError("config keys 'multitask.temperature' (> 0) and 'multitask.anneal_min' (0 < x <= 1) "
+                           "are out of range")
+    if m.train_backbone and cfg.tune.method != "lora":
+        raise TunelabError("config key 'multitask.train_backbone' applies to tune.method=lora (per-task "
+                           "adapters); with full tuning the backbone always trains")
 
 
 def parse_override(arg: str) -> tuple[list[str], object]:
@@ -198,7 +273,9 @@ def parse_override(arg: str) -> tuple[list[str], object]:
 def _wants_text(cfg, keys: list[str]) -> bool:
     obj = cfg
     for k in keys[:-1]:
-        obj = getattr(obj, k, None)
+        obj = obj.get(k) if isinstance(obj, dict) else getattr(obj, k, None)
+        if isinstance(obj, dict):
+            continue
         if not dataclasses.is_dataclass(obj):
             return False
     hint = typing.get_type_hints(type(obj)).get(keys[-1])

