@@ -17,6 +17,14 @@ def finetune(config=None, overrides=(), *, train=None, dev=None, test=None, resu
     if has_data:
         values.setdefault("data", {}).setdefault("train", "<memory>")
     cfg = load_config(config, overrides, values or None)
+    if cfg.task == "multitask":
+        from tunelab.errors import TunelabError
+        from tunelab.multitask import train as run_multitask
+
+        if has_data:
+            raise TunelabError("task: multitask reads each task's data from tasks.NAME.data (files or built-in "
+                               "sets); in-memory train/dev/test are for single-task runs")
+        return run_multitask(cfg, resume=resume, overwrite=overwrite)
     splits = None
     if has_data:
         def conv(x):
