@@ -15,6 +15,7 @@ EPILOG = """examples:
   tunelab train recipes/multitask_en.yaml output_dir=runs/mtl
   tunelab predict runs/mtl --task sentiment "A gorgeous, witty film ."
   tunelab export runs/mtl --task ner runs/ner-only
+  tunelab serve runs/ner --port 8000
 """
 
 
@@ -60,6 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("model_dir")
     x.add_argument("--task", required=True, help="the task to export")
     x.add_argument("output", help="the folder to write (must not exist or be empty)")
+
+    s = sub.add_parser("serve", help="serve a trained model folder over HTTP",
+                       description="An HTTP server for a model folder: GET /health, /ready, /metrics, /v1/model; "
+                                   "POST /v1/predict {\"texts\": [...], \"task\": ...}; OpenAPI at /openapi.json. "
+                                   "Concurrent requests share forward passes (micro-batching); a full queue "
+                                   "answers 503 with Retry-After.")
+    s.add_argument("model_dir")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                                                       "only; 0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model")
+    s.add_argument("--threads", type=int, help="torch threads per worker (default: torch's choice)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--max-batch", type=int, default=32, help="texts per forward pass (default: %(default)s)")
+    s.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more texts (default: %(default)s)")
+    s.add_argument("--queue-size", type=int, default=256,
+                   help="texts waiting for the model before requests get 503 (default: %(default)s)")
+    s.add_argument("--max-texts", type=int, default=64, help="texts per request (default: %(default)s)")
+    s.add_argument("--max-chars", type=int, default=10_000, help="characters per text (default: %(default)s)")
+    s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size (default: %(default)s)")
+    s.add_argument("--api-key-env", default="TUNELAB_API_KEY", metavar="NAME",
+                   help="when this environment variable is set, /v1/ requests need its value as "
+                        "'Authorization: Bearer KEY' or 'X-API-Key: KEY' (default: %(default)s)")
+    s.add_argument("--api-key-file", metavar="PATH", help="read the API key from this file instead")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="another adapter trained on the same base, chosen per request by name (repeatable)")
+    s.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
     return p
 
 
@@ -144,7 +173,7 @@ def cmd_eval(args) -> int:
     if args.output:
         atomic_write_json(args.output, metrics)
     if args.predictions:
-        write_predictions(args.predictions, kind, examples, predictions)
+        write_predictions(args.predictions, kind, info["labels"], examples, predictions)
     return 0
 
 
@@ -155,40 +184,30 @@ def _builtin_names():
 
 
 def cmd_predict(args) -> int:
-    from tunelab.data import GenExample, Sentence, TextExample
-    from tunelab.predict import Predictor
-    from tunelab.tasks.ner import split_words
+    from tunelab.data import TextExample
+    from tunelab.data.text import read_lines
+    from tunelab.predict import Predictor, text_examples
 
     pred = Predictor(args.model_dir, args.device, args.batch_size)
-    task = pred.task_meta(args.task)["task"]
+    info = pred.task_meta(args.task)
+    task = info["task"]
     path = Path(args.input)
-    texts = None
+    texts, offsets = None, None
     if path.is_file():
         examples = _read(args, task, args.input, labelled=False)
         if examples is None:  # NER on raw text lines
-            from tunelab.data.text import read_lines
-
             texts = read_lines(path)
+        elif task == "generate" and isinstance(examples[0], TextExample):  # text lines are prompts
+            texts = examples
     else:
         if len(args.input) < 200 and ("/" in args.input or path.suffix in (".txt", ".conll", ".jsonl", ".csv")) \
                 and " " not in args.input:
             raise TunelabError(f"{args.input}: no such file (to predict on literal text, quote a sentence)")
         texts = [TextExample(args.input, None, "<argument>", None)]
-        examples = texts if task != "ner" else None
-    if task == "generate":  # a line of text or a text argument is a prompt
-        examples = [GenExample(e.text, None, e.source, e.line) if isinstance(e, TextExample) else e for e in examples]
-    offsets = None
-    if task == "ner" and texts is not None:
-        examples, offsets = [], []
-        for t in texts:
-            words, offs = split_words(t.text)
-            if not words:
-                raise TunelabError(f"{t.source}:{t.line}: no words in this text")
-            # Each line is its own document: unrelated lines must not serve as each other's context.
-            examples.append(Sentence(words, None, len(examples), t.source, t.line))
-            offsets.append((t.text, offs))
+    if texts is not None:
+        examples, offsets = text_examples(task, texts)
     predictions = pred.predict(examples, desc="predict" if len(examples) > 64 else None, task=args.task)
-    write_predictions(args.output, task, examples, predictions, offsets)
+    write_predictions(args.output, task, info["labels"], examples, predictions, offsets)
     return 0
 
 
@@ -206,41 +225,33 @@ def cmd_export(args) -> int:
     return 0
 
 
-def prediction_records(task, examples, predictions, offsets=None):
-    from tunelab.tasks.ner import entity_spans
+def cmd_serve(args) -> int:
+    from tunelab.serve import Limits, ServeOptions, serve
 
-    for i, (ex, p) in enumerate(zip(examples, predictions)):
-        if task == "generate":
-            yield {"prompt": ex.prompt, "output": p} | ({"reference": ex.target} if ex.target is not None else {})
-            continue
-        if task == "classify":
-            label, probs = p
-            yield {"text": ex.text, "label": label, "score": max(probs), "probabilities": probs}
-            continue
-        tags, scores = p
-        ents = []
-        for etype, s, e in entity_spans(tags):
-            ent = {"type": etype, "score": sum(scores[s:e]) / (e - s)}
-            if offsets is not None:
-                text, offs = offsets[i]
-                ent.update(text=text[offs[s][0]:offs[e - 1][1]], start=offs[s][0], end=offs[e - 1][1])
-            else:
-                ent.update(text=" ".join(ex.words[s:e]), first_word=s, last_word=e - 1)
-            ents.append(ent)
-        rec = {"text": offsets[i][0]} if offsets is not None else {}
-        rec.update(tokens=ex.words, tags=tags, entities=ents)
-        yield rec
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise TunelabError(f"--adapter {spec}: write it as NAME=DIR")
+        adapters[name] = folder
+    limits = Limits(args.max_batch, args.max_wait_ms, args.queue_size, args.max_texts, args.max_chars,
+                    args.max_body_bytes)
+    serve(ServeOptions(args.model_dir, limits, args.device, args.threads, adapters, args.api_key_env,
+                       args.api_key_file), args.host, args.port, args.workers, access_log=not args.no_access_log)
+    return 0
 
 
-def write_predictions(out, task, examples, predictions, offsets=None) -> None:
+def write_predictions(out, task, labels, examples, predictions, offsets=None) -> None:
     from tunelab.io import atomic_write_text
+    from tunelab.predict import prediction_records
 
     if out and str(out).endswith(".conll") and task == "ner":
         from tunelab.data.conll import write_conll
 
         write_conll(out, examples, [p[0] for p in predictions])
         return
-    lines = [json.dumps(r, ensure_ascii=False) for r in prediction_records(task, examples, predictions, offsets)]
+    lines = [json.dumps(r, ensure_ascii=False)
+             for r in prediction_records(task, labels, examples, predictions, offsets)]
     if out:
         atomic_write_text(out, "\n".join(lines) + "\n")
     else:
@@ -255,12 +266,13 @@ def main(argv=None) -> int:
         return 2
     try:
         return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
-                "export": cmd_export}[args.command](args)
+                "export": cmd_export, "serve": cmd_serve}[args.command](args)
     except TunelabError as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tunelab: interrupted (a training run continues with --resume)", file=sys.stderr)
+        hint = " (a training run continues with --resume)" if args.command == "train" else ""
+        print(f"tunelab: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -100,7 +100,9 @@ class MultiTaskConfig:
     temperature: float = 2.0  # sampling=temperature: task probability proportional to size^(1/T)
     anneal_min: float = 0.2  # sampling=annealed: the exponent on size falls from 1 to this over training
     mix: str = "one"  # one: each micro-batch is one task's | all: each step takes one batch of every task
-    weighting: str = "fixed"  # fixed (tasks.NAME.weight) | uncertainty (learned) | pcgrad (needs mix=all)
+    # fixed (tasks.NAME.weight) | uncertainty (learned per-task log-variances, trained at train.head_lr or
+    # train.lr) | pcgrad (projects conflicting task gradients; needs mix=all)
+    weighting: str = "fixed"
     select: str = "mean"  # model selection and early stopping: mean of the task scores, or one task's name
     train_backbone: bool = False  # tune.method=lora (per-task adapters): also train the shared backbone
 

@@ -9,7 +9,7 @@ import torch
 
 from tunelab import progress
 from tunelab.data.batching import collate, eval_batches
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, where
 
 META_FILE = "tunelab.json"
 
@@ -77,6 +77,58 @@ def evaluate(task, model, examples: list, device, bf16=False, batch_size=64, des
     if task.kind == "generate":
         return task.evaluate(model, examples, device, bf16, min(batch_size, 16), desc)
     return task.metrics(examples, predict(task, model, examples, device, bf16, batch_size, desc))
+
+
+def text_examples(kind: str, texts: list) -> tuple[list, list | None]:
+    """Raw texts (TextExample, label None) as the examples of a task of kind `kind`, and for NER the
+    character offsets: offsets[i] = (text, [(start, end) of each word]). A text is its own document, so
+    unrelated texts never serve as each other's context."""
+    from tunelab.data.examples import GenExample, Sentence
+    from tunelab.tasks.ner import split_words
+
+    if kind == "generate":
+        return [GenExample(t.text, None, t.source, t.line) for t in texts], None
+    if kind != "ner":
+        return list(texts), None
+    examples, offsets = [], []
+    for t in texts:
+        words, offs = split_words(t.text)
+        if not words:
+            raise TunelabError(f"{where(t.source, t.line)}: no words in this text")
+        examples.append(Sentence(words, None, len(examples), t.source, t.line))
+        offsets.append((t.text, offs))
+    return examples, offsets
+
+
+def prediction_records(kind: str, labels: list[str], examples: list, predictions: list, offsets=None):
+    """One JSON-ready record per example, as `tunelab predict` writes them and the server returns them.
+
+    NER: text (raw input only), tokens, tags and entities (type, score = mean word score, text, and character
+    start/end into the raw text, or first/last word for pre-split input); classification: text, label,
+    score and probabilities by label name; generation: prompt, output (and the reference when there is one)."""
+    from tunelab.tasks.ner import entity_spans
+
+    for i, (ex, p) in enumerate(zip(examples, predictions)):
+        if kind == "generate":
+            yield {"prompt": ex.prompt, "output": p} | ({"reference": ex.target} if ex.target is not None else {})
+            continue
+        if kind == "classify":
+            label, probs = p
+            yield {"text": ex.text, "label": label, "score": max(probs), "probabilities": dict(zip(labels, probs))}
+            continue
+        tags, scores = p
+        ents = []
+        for etype, s, e in entity_spans(tags):
+            ent = {"type": etype, "score": sum(scores[s:e]) / (e - s)}
+            if offsets is not None:
+                text, offs = offsets[i]
+                ent.update(text=text[offs[s][0]:offs[e - 1][1]], start=offs[s][0], end=offs[e - 1][1])
+            else:
+                ent.update(text=" ".join(ex.words[s:e]), first_word=s, last_word=e - 1)
+            ents.append(ent)
+        rec = {"text": offsets[i][0]} if offsets is not None else {}
+        rec.update(tokens=ex.words, tags=tags, entities=ents)
+        yield rec
 
 
 def read_meta(folder: Path) -> dict:

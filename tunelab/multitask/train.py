@@ -24,11 +24,11 @@ from tunelab.models import load_tokenizer, resolve_model_path
 from tunelab.multitask import model as mtm
 from tunelab.multitask.sampling import TaskStream, pick_task, task_probabilities
 from tunelab.multitask.weighting import UncertaintyWeights, pcgrad
-from tunelab.predict import autocast, evaluate, pick_device, predict
+from tunelab.predict import autocast, evaluate, pick_device
 from tunelab.tasks import make_task
 from tunelab.train import checkpoint
 from tunelab.train.optim import build_optimizer
-from tunelab.train.supervised import SAMPLES, check_coverage, log, prepare_output, publish
+from tunelab.train.supervised import check_coverage, log, prepare_output, publish, sample_outputs
 
 
 def task_score(kind: str, metrics: dict) -> float:
@@ -198,10 +198,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
         if splits[n].test:
             entry["test"] = evaluate(tasks[n], head, splits[n].test, device, tc.bf16, desc=f"test {n}")
         if kind == "generate" and (splits[n].test or splits[n].dev):
-            shown = (splits[n].test or splits[n].dev)[:SAMPLES]
-            outputs = predict(tasks[n], head, shown, device, tc.bf16)
-            entry["samples"] = [{"prompt": e.prompt, "reference": e.target, "output": o}
-                                for e, o in zip(shown, outputs)]
+            entry["samples"] = sample_outputs(tasks[n], head, splits[n].test or splits[n].dev, device, tc.bf16)
         report["tasks"][n] = entry
     if mc.weighting == "uncertainty":
         report["final_weights"] = model.uncertainty.weights()

@@ -42,6 +42,15 @@ def metrics_table(m: dict) -> str:
     return "\n".join(rows)
 
 
+def samples_table(samples: list[dict]) -> str:
+    """Generation samples as a Markdown table: prompt start, reference, output."""
+    rows = ["| prompt (start) | reference | output |", "|---|---|---|"]
+    for s in samples:
+        cells = [" ".join(s["prompt"].split()[:25]) + " ...", s["reference"] or "", s["output"]]
+        rows.append("| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)
+
+
 MAIN = {"ner": "entity micro-F1", "classify": "macro-F1", "generate": "loss"}
 
 
@@ -70,11 +79,7 @@ def markdown(r: dict) -> str:
         lines[2:2] = [f"Tuning: {t['method']}, {t['trainable_params']:,} of {t['total_params']:,} parameters trained "
                       f"({100 * t['trainable_params'] / max(1, t['total_params']):.3g} %).", ""]
     if r.get("samples"):
-        lines += ["## Sample outputs (greedy)", "", "| prompt (start) | reference | output |", "|---|---|---|"]
-        for s in r["samples"]:
-            cells = [" ".join(s["prompt"].split()[:25]) + " ...", s["reference"] or "", s["output"]]
-            lines.append("| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |")
-        lines.append("")
+        lines += ["## Sample outputs (greedy)", "", samples_table(r["samples"]), ""]
     lines += ["![training curves](curves.png)", ""]
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ training loss and dev score beside the aggregate that selects the checkpoint."""
 from pathlib import Path
 
 from tunelab.io import atomic_write_json, atomic_write_text
-from tunelab.report import MAIN, _save, metrics_table
+from tunelab.report import MAIN, _save, metrics_table, samples_table
 
 SCORE = {"ner": "entity micro-F1", "classify": "macro-F1", "generate": "1/perplexity"}
 
@@ -52,11 +52,7 @@ def markdown(r: dict) -> str:
                 what = "selected checkpoint" if split == "dev" else "evaluated once, on the selected checkpoint"
                 lines += [f"### {split.capitalize()} ({what})", "", metrics_table(e[split]), ""]
         if e.get("samples"):
-            lines += ["### Sample outputs (greedy)", "", "| prompt (start) | reference | output |", "|---|---|---|"]
-            for s in e["samples"]:
-                cells = [" ".join(s["prompt"].split()[:25]) + " ...", s["reference"] or "", s["output"]]
-                lines.append("| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |")
-            lines.append("")
+            lines += ["### Sample outputs (greedy)", "", samples_table(e["samples"]), ""]
     lines += ["![training curves](curves.png)", ""]
     return "\n".join(lines)
 

@@ -202,9 +202,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     if splits.test:
         report["test"] = evaluate(task, model, splits.test, device, tc.bf16, desc="test")
     if cfg.task == "generate" and (splits.test or splits.dev):
-        shown = (splits.test or splits.dev)[:SAMPLES]
-        outputs = predict(task, model, shown, device, tc.bf16)
-        report["samples"] = [{"prompt": e.prompt, "reference": e.target, "output": o} for e, o in zip(shown, outputs)]
+        report["samples"] = sample_outputs(task, model, splits.test or splits.dev, device, tc.bf16)
     save_model_folder(out, model, tokenizer, cfg, labels, max_length, generation)
     from tunelab.report import write_report
 
@@ -212,6 +210,13 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     shutil.rmtree(out / checkpoint.NAME, ignore_errors=True)
     (out / checkpoint.BEST).unlink(missing_ok=True)
     return report
+
+
+def sample_outputs(task, model, examples, device, bf16) -> list[dict]:
+    """Generation: the first SAMPLES examples' greedy outputs beside their prompts and references (report)."""
+    shown = examples[:SAMPLES]
+    outputs = predict(task, model, shown, device, bf16)
+    return [{"prompt": e.prompt, "reference": e.target, "output": o} for e, o in zip(shown, outputs)]
 
 
 def check_coverage(features, tokenizer, model_name, max_share) -> None:

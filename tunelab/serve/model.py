@@ -1,0 +1,108 @@
+"""The model behind the server: a loaded `Predictor`, what the API says about it, and the batch call.
+
+Texts become examples and predictions become records through the same functions as `tunelab predict`
+(`text_examples`, `prediction_records`), so the server and the command line give the same answer.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.data.examples import TextExample
+from tunelab.predict import Predictor, prediction_records, text_examples
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one forward pass serves: requests are batched together only when their routes are equal."""
+
+    task: str | None  # the Predictor's task argument: None for a single-task folder
+    adapter: str | None = None
+    max_new_tokens: int | None = None  # generation only; None: the model's own bound
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    kind: str  # ner | classify | generate
+    labels: list[str]
+    max_new_tokens: int | None  # generation: the most new tokens a request may ask for
+
+
+class ModelService:
+    """Task names as the API shows them: a multi-task folder's own names, else one task named by its kind
+    (e.g. "ner"), which requests may leave out."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self.multitask = bool(predictor.tasks)
+        names = list(predictor.tasks) if self.multitask else [predictor.meta["task"]]
+        self.tasks = {n: self._info(predictor.tasks[n] if self.multitask else predictor.task) for n in names}
+        # Adapters switched per request (single-task adapter folders, `--adapter NAME=DIR`): their labels.
+        self.adapters = {name: meta["labels"] for name, (meta, _) in predictor.adapters.items()}
+
+    @staticmethod
+    def _info(task) -> TaskInfo:
+        bound = task.max_target_length if task.kind == "generate" else None
+        return TaskInfo(task.kind, list(task.labels), bound)
+
+    def route(self, task: str | None, adapter: str | None, max_new_tokens: int | None) -> Route:
+        """Assumes names already checked against self.tasks / self.adapters."""
+        return Route(task if self.multitask else None, adapter, max_new_tokens)
+
+    def task_name(self, route: Route) -> str:
+        return route.task if self.multitask else next(iter(self.tasks))
+
+    def task_for(self, route: Route):
+        """The task object the Predictor uses for this route (the same choice as Predictor._use)."""
+        if self.multitask:
+            return self.predictor.tasks[route.task]
+        if route.adapter is not None or len(self.adapters) > 1:
+            return self.predictor.adapters[route.adapter or "default"][1]
+        return self.predictor.task
+
+    def describe(self) -> dict:
+        meta = self.predictor.meta
+        base = str(meta.get("base_model", ""))
+        tasks = {}
+        for name, info in self.tasks.items():
+            entry = {"kind": info.kind}
+            if info.kind != "generate":
+                entry["labels"] = info.labels
+            if info.kind == "ner":
+                entry["entity_types"] = sorted({lab[2:] for lab in info.labels if lab[:2] in ("B-", "I-")})
+            if info.kind == "generate":
+                entry["max_new_tokens"] = info.max_new_tokens
+            tasks[name] = entry
+        return {
+            "model": self.predictor.dir.name,
+            # a packaged name, or only the last part of a local path: the server's file system is not the API's
+            "base_model": Path(base).name if base else None,
+            "tune": meta.get("tune"),
+            "multitask": self.multitask,
+            "task_required": self.multitask,
+            "tasks": tasks,
+            "adapters": {name: {"labels": labels} for name, labels in self.adapters.items()},
+        }
+
+    def run(self, route: Route, texts: list[str]) -> list[dict]:
+        """One forward pass over `texts` (called on the model thread only). Returns one record each."""
+        kind = self.tasks[self.task_name(route)].kind
+        examples, offsets = text_examples(kind, [TextExample(t, None, "<request>", i + 1) for i, t in enumerate(texts)])
+        with self._generation_bound(route):
+            predictions = self.predictor.predict(examples, adapter=route.adapter, task=route.task)
+        return list(prediction_records(kind, self.task_for(route).labels, examples, predictions, offsets))
+
+    @contextlib.contextmanager
+    def _generation_bound(self, route: Route):
+        """GenerateTask.generate reads its bound from the task's max_target_length: lower it for this call.
+        Safe because only the model thread touches task objects."""
+        if route.max_new_tokens is None:
+            yield
+            return
+        task = self.task_for(route)
+        saved = task.max_target_length
+        task.max_target_length = route.max_new_tokens
+        try:
+            yield
+        finally:
+            task.max_target_length = saved
