@@ -6,6 +6,8 @@ NER, BBC News topics, Rotten Tomatoes sentiment on all-MiniLM-L6-v2). For every 
   single_<task>   tunelab.train on that task alone: the same settings (lr, batch, epochs, max_length, bf16)
   multi           tunelab.multitask.train on all tasks; the same epochs over all tasks' batches together
   low_single      the low-resource task alone, with only --low-fraction of its training data
+  low_single_long the same, trained for as many optimizer steps as low_multi takes (more epochs over the small
+                  set): separates "more updates" from "other tasks' data"
   low_multi       all tasks, the low-resource task cut the same way (the others complete)
 
 Every run is its own subprocess (peak RSS per run) with the same torch threads. Selection is on each run's dev
@@ -84,7 +86,7 @@ def run_one(args) -> dict:
     out = tempfile.mkdtemp(prefix=f"bench_mt_{kind}_")
     mt = multitask_config(args, low=kind.startswith("low_"))
     mt.output_dir = out
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = {"seed": args.seed, "tasks": {}}
     if kind in ("multi", "low_multi"):
         rep = train_multi(mt, overwrite=True)
@@ -93,11 +95,27 @@ def run_one(args) -> dict:
                                   "batch_share": e["batch_share"]}
         result["dev_aggregate"] = rep["dev"]
     else:
-        name = args.low if kind == "low_single" else kind[len("single_"):]
-        rep = train_single(single_config(mt, name, out), overwrite=True)
+        name = args.low if kind.startswith("low_single") else kind[len("single_"):]
+        cfg = single_config(mt, name, out)
+        if kind == "low_single_long":
+            import math
+
+            from tunelab.data import load_splits
+
+            def batches(spec):
+                n = len(load_splits(spec.data, spec.task).train)
+                return math.ceil(min(n, spec.data.max_train_examples or n) / mt.train.batch_size)
+
+            multi_steps = math.ceil(mt.train.epochs * sum(batches(s) for s in mt.tasks.values()))
+            cfg.train.epochs = multi_steps / batches(mt.tasks[name])
+        rep = train_single(cfg, overwrite=True)
         result["tasks"][name] = {"dev": rep["dev"]["main"], "test": rep["test"]["main"],
                                  "train_size": rep["sizes"]["train"]}
-    result.update(total_seconds=time.perf_counter() - t0, train_seconds=rep["train_seconds"], steps=rep["steps"],
+    total = time.perf_counter() - t0
+    # CPU-seconds per wall-second of the whole call: well below the thread count means the machine was busy
+    # with other work and the run's seconds are not comparable.
+    result.update(total_seconds=total, cpu_per_wall=(time.process_time() - c0) / total,
+                  train_seconds=rep["train_seconds"], steps=rep["steps"],
                   best_step=rep["best_step"], train_tokens=rep["train_tokens"])
     import shutil
 
@@ -127,7 +145,7 @@ def summary(doc: dict) -> tuple[str, dict]:
     for seed in seeds:
         singles = [r for r in runs if r["seed"] == seed and r["run"].startswith("single_")]
         multi = next((r for r in runs if r["seed"] == seed and r["run"] == "multi"), None)
-        lows = {k: next((r for r in runs if r["seed"] == seed and r["run"] == k), None) for k in ("low_single", "low_multi")}
+        lows = {k: next((r for r in runs if r["seed"] == seed and r["run"] == k), None) for k in ("low_single", "low_single_long", "low_multi")}
         per_seed[seed] = {
             "single": {n: next((r["tasks"][n]["test"] for r in singles if n in r["tasks"]), None) for n in names},
             "single_train_s": sum(r["train_seconds"] for r in singles) if len(singles) == len(names) else None,
@@ -137,6 +155,8 @@ def summary(doc: dict) -> tuple[str, dict]:
             "multi_train_s": multi and multi["train_seconds"], "multi_process_s": multi and multi["process_seconds"],
             "multi_rss": multi and multi["peak_rss_mib"],
             "low_single": lows["low_single"] and lows["low_single"]["tasks"][low]["test"],
+            "low_single_long": lows["low_single_long"] and lows["low_single_long"]["tasks"][low]["test"],
+            "low_single_long_train_s": lows["low_single_long"] and lows["low_single_long"]["train_seconds"],
             "low_multi": lows["low_multi"] and lows["low_multi"]["tasks"][low]["test"],
             "low_multi_all": lows["low_multi"] and {n: lows["low_multi"]["tasks"][n]["test"] for n in names},
             "low_single_train_s": lows["low_single"] and lows["low_single"]["train_seconds"],
@@ -145,7 +165,7 @@ def summary(doc: dict) -> tuple[str, dict]:
     ps = list(per_seed.values())
 
     def row(label, scores, mean_of, train_s, proc_s, rss):
-        cells = [ms([s[n] if s else None for s in scores]) for n in names]
+        cells = [ms([s.get(n) if s else None for s in scores]) for n in names]
         return (f"| {label} | " + " | ".join(cells) + f" | {ms(mean_of)} | {fmt(_mean(train_s), '.0f')} "
                 f"| {fmt(_mean(proc_s), '.0f')} | {fmt(_mean(rss), ',.0f')} | {len([s for s in scores if s])} |")
 
@@ -160,6 +180,9 @@ def summary(doc: dict) -> tuple[str, dict]:
     rows.append(row(f"low-resource: {low} {frac}, alone", [{low: p["low_single"]} if p["low_single"] is not None
                                                           else None for p in ps], [],
                     [p["low_single_train_s"] for p in ps], [None], [None]).replace("| — |", "| — |"))
+    rows.append(row(f"low-resource: {low} {frac}, alone, as many steps as multi-task",
+                    [{low: p["low_single_long"]} if p["low_single_long"] is not None else None for p in ps], [],
+                    [p["low_single_long_train_s"] for p in ps], [None], [None]))
     rows.append(row(f"low-resource: {low} {frac} + other tasks complete", [p["low_multi_all"] for p in ps], [],
                     [p["low_multi_train_s"] for p in ps], [None], [None]))
 
@@ -173,12 +196,12 @@ def summary(doc: dict) -> tuple[str, dict]:
             "met": _mean([p["multi_train_s"] for p in complete]) < _mean([p["single_train_s"] for p in complete]),
             "multi_train_s": _mean([p["multi_train_s"] for p in complete]),
             "single_train_s_sum": _mean([p["single_train_s"] for p in complete])}
-    lows = [p for p in ps if p["low_single"] is not None and p["low_multi"] is not None]
-    if lows:
-        a, b = _mean([p["low_single"] for p in lows]), _mean([p["low_multi"] for p in lows])
-        checks["beats_single_low_resource"] = {"met": b > a, "single": a, "multi": b,
-                                               "wins": sum(p["low_multi"] > p["low_single"] for p in lows),
-                                               "seeds": len(lows)}
+    for base in ("low_single", "low_single_long"):
+        lows = [p for p in ps if p[base] is not None and p["low_multi"] is not None]
+        if lows:
+            a, b = _mean([p[base] for p in lows]), _mean([p["low_multi"] for p in lows])
+            checks[f"beats_{base}"] = {"met": b > a, "single": a, "multi": b,
+                                       "wins": sum(p["low_multi"] > p[base] for p in lows), "seeds": len(lows)}
     return "\n".join(rows), checks
 
 
@@ -193,8 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--low", default="ner", help="the task cut to --low-fraction of its training data")
     p.add_argument("--low-fraction", type=float, default=0.1)
-    p.add_argument("--runs", default="single,multi,low_single,low_multi",
-                   help="which settings: single (every task alone), multi, low_single, low_multi")
+    p.add_argument("--runs", default="single,multi,low_single,low_single_long,low_multi",
+                   help="which settings: single (every task alone), multi, low_single, low_single_long, low_multi")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-train", type=int, default=None, help="first N training examples of every task (smoke)")

@@ -83,9 +83,19 @@ def test_group_by_length_saves_padding():
 
 
 def test_eval_batches_sorted():
-    lengths = [3, 10, 7, 1, 10, 4]
-    batches = eval_batches(lengths, 4)
-    assert sorted(i for b in batches for i in b) == list(range(6))
+    lengths = [3, 10, 7, 1, 10, 4, 9, 8]
+    batches = eval_batches(lengths, 4, max_padding=1.0)  # no padding limit: cut by count only
+    assert sorted(i for b in batches for i in b) == list(range(8))
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(lengths, reverse=True)
-    assert [len(b) for b in batches] == [4, 2]
+    assert [len(b) for b in batches] == [4, 4]
+
+
+def test_eval_batches_bound_the_padding():
+    lengths = [3, 10, 7, 1, 10, 4, 9, 8]
+    batches = eval_batches(lengths, 4)
+    assert [[lengths[i] for i in b] for b in batches] == [[10, 10, 9, 8], [7], [4, 3], [1]]
+    for b in batches:  # at most 20 % of a batch's slots are padding
+        slots = len(b) * max(lengths[i] for i in b)
+        assert slots - sum(lengths[i] for i in b) <= 0.2 * slots
+    assert eval_batches([5] * 10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -29,7 +29,8 @@ def test_console_script_help():
     ([], ["train", "eval", "predict", "examples:"]),
     (["train"], ["recipe", "key.sub=value", "--resume", "--overwrite"]),
     (["eval"], ["model_dir", "--data", "--output", "--predictions", "--tag-scheme"]),
-    (["predict"], ["model_dir", "input", "--output", "--format", "--batch-size"]),
+    (["predict"], ["model_dir", "input", "--output", "--format", "--batch-size", "--on-error", "--chunk-size"]),
+    (["export"], ["model_dir", "output", "--task", "--onnx", "--atol", "--check-data"]),
 ])
 def test_help(capsys, argv, words):
     with pytest.raises(SystemExit) as e:

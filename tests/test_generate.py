@@ -15,7 +15,7 @@ from tunelab.data import GenExample, read_file
 from tunelab.data.batching import collate
 from tunelab.errors import TunelabError
 from tunelab.models import load_model, load_tokenizer
-from tunelab.predict import Predictor
+from tunelab.predict import Predictor, predict
 from tunelab.tasks import make_task
 from tunelab.train import train
 
@@ -72,20 +72,41 @@ def test_causal_training_lowers_the_reference_loss(causal_run):
 
 
 def test_causal_folder_loads_in_plain_transformers(causal_run, gen_dir):
-    from transformers import AutoModelForCausalLM
-
     out, _ = causal_run
     examples = read_file(gen_dir / "test.jsonl", "generate")[:4]
-    ours = Predictor(out).predict(examples)
-    tok = load_tokenizer(out)
-    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert Predictor(out).predict(examples) == plain_greedy(out, examples, max_new_tokens=8)
+
+
+def plain_greedy(folder, examples, max_new_tokens: int) -> list[str]:
+    """Greedy outputs of the folder loaded with plain transformers, one prompt at a time (no padding)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     plain = []
     for e in examples:  # one at a time, no padding: tunelab's batched left-padded decoding must agree
         ids = torch.tensor([tok(e.prompt)["input_ids"] + tok("\n", add_special_tokens=False)["input_ids"]])
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                             eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=tok.sep_token_id,
+                             pad_token_id=tok.pad_token_id)
         plain.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    assert ours == plain
+    return plain
+
+
+def test_max_new_tokens_per_call(causal_run, gen_dir, minilm_tokenizer):
+    """A call may ask for fewer new tokens than the model's bound (the server does, per request), without
+    changing the task; more than the bound, or a bound for a task that does not generate, is an error."""
+    out, _ = causal_run
+    examples = read_file(gen_dir / "test.jsonl", "generate")[:4]
+    pred = Predictor(out)
+    assert pred.predict(examples, max_new_tokens=2) == plain_greedy(out, examples, max_new_tokens=2)
+    assert pred.task.max_target_length == 8
+    assert pred.predict(examples) == plain_greedy(out, examples, max_new_tokens=8)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="max_target_length \\(8\\)"):
+            pred.predict(examples, max_new_tokens=bad)
+    with pytest.raises(ValueError, match="for generation"):
+        predict(make_task("ner", minilm_tokenizer, ["O"], 32), None, [], "cpu", max_new_tokens=2)
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt", "prefix"])

@@ -166,12 +166,13 @@ def wait_until(condition, timeout=60.0):
         time.sleep(0.005)
 
 
-def expected(predictor, texts, task=None):
+def expected(predictor, texts, task=None, max_new_tokens=None):
     """What `tunelab predict` writes for these texts: the records the server must return."""
     kind = predictor.task_meta(task)["task"]
     examples, offsets = text_examples(kind, [TextExample(t, None, "<t>", i) for i, t in enumerate(texts)])
     labels = predictor.task_meta(task)["labels"]
-    return list(prediction_records(kind, labels, examples, predictor.predict(examples, task=task), offsets))
+    predictions = predictor.predict(examples, task=task, max_new_tokens=max_new_tokens)
+    return list(prediction_records(kind, labels, examples, predictions, offsets))
 
 
 def same_records(got, want):
@@ -302,11 +303,8 @@ def test_generation_with_a_bounded_number_of_new_tokens(gen_model, loaded):
         assert body["kind"] == "generate"
         assert body["results"] == expected(pred, prompts)
         short = srv.predict({"texts": prompts, "max_new_tokens": 2}).json()["results"]
-        pred.task.max_target_length = 2
-        try:
-            assert short == expected(pred, prompts)
-        finally:
-            pred.task.max_target_length = bound
+        assert short == expected(pred, prompts, max_new_tokens=2)
+        assert pred.task.max_target_length == bound  # a request's bound never touches the task
         for rec in short:
             assert len(pred.task.tokenizer(rec["output"], add_special_tokens=False)["input_ids"]) <= 2
         for bad in ({"max_new_tokens": bound + 1}, {"max_new_tokens": 0}, {"top_k": 1}):
@@ -664,3 +662,28 @@ def test_batcher_isolates_the_request_that_breaks_the_model():
     (a, bad, c), after, b = run_async(main())
     assert (a, c, after) == (["A"], ["C"], ["D"]) and isinstance(bad, BatchFailed)
     assert b.stats.failed == 1
+
+
+def test_batcher_waits_for_company_only_under_concurrent_load():
+    """A lone request runs at once even with a long window; once a forward pass has served several requests,
+    the next batch waits (up to max_wait) for more."""
+    calls = []
+
+    def model(key, items):
+        calls.append(list(items))
+        return items
+
+    async def main():
+        b = MicroBatcher(model, max_batch=8, max_wait_s=30.0, queue_size=100)
+        await b.start()
+        assert await asyncio.wait_for(b.submit("k", ["alone"]), 10) == ["alone"]  # not 30 s later
+        assert await asyncio.gather(b.submit("k", ["a"]), b.submit("k", ["b"])) == [["a"], ["b"]]
+        first = asyncio.create_task(b.submit("k", ["c"]))
+        await asyncio.sleep(0.2)  # the window is open: c waits
+        assert not first.done()
+        late = asyncio.create_task(b.submit("k", [f"d{i}" for i in range(7)]))  # fills the batch: runs now
+        await asyncio.wait_for(asyncio.gather(first, late), 10)
+        await b.close()
+
+    run_async(main())
+    assert calls == [["alone"], ["a", "b"], ["c"] + [f"d{i}" for i in range(7)]]

@@ -179,8 +179,8 @@ def _fill(obj, values: dict, prefix: str, source: str):
             raise TunelabError(f"{source}: unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
         current = getattr(obj, k)
         if typing.get_origin(hints[k]) is dict:  # named sub-sections (tasks: {NAME: {...}})
-            if not isinstance(v, dict) or not v:
-                raise TunelabError(f"{source}: {key} must be a non-empty mapping of names to sections, got {v!r}")
+            if not isinstance(v, dict):  # (empty in a saved single-task config.yaml)
+                raise TunelabError(f"{source}: {key} must be a mapping of names to sections, got {v!r}")
             item = typing.get_args(hints[k])[1]
             for name, sub in v.items():
                 if not isinstance(name, str) or not name.isidentifier():

@@ -80,8 +80,13 @@ def write_conll(path, sentences: list[Sentence], predictions: list[list[str]]) -
     """Write `word gold pred` (or `word pred` when unlabelled) columns, keeping document breaks."""
     from tunelab.io import atomic_write_text
 
+    atomic_write_text(path, conll_columns(sentences, predictions)[0])
+
+
+def conll_columns(sentences: list[Sentence], predictions: list[list[str]], doc=None) -> tuple[str, int | None]:
+    """The text write_conll writes, and the last sentence's document. `doc`: the document of the sentence
+    written just before these (when a file is written in parts), so that a break is marked between parts too."""
     lines = []
-    doc = None
     for sent, pred in zip(sentences, predictions):
         if sent.doc != doc and doc is not None:
             lines.append("-DOCSTART- O\n")
@@ -90,4 +95,4 @@ def write_conll(path, sentences: list[Sentence], predictions: list[list[str]]) -
             cols = [word] + ([sent.tags[i]] if sent.tags is not None else []) + [pred[i]]
             lines.append(" ".join(cols))
         lines.append("")
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    return ("\n".join(lines) + "\n" if lines else ""), doc

@@ -34,6 +34,7 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads in each worker (None: torch's default)
+    bf16: bool = False  # bf16 autocast, as the recipes train and evaluate
     adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter folder, switched per request
     api_key_env: str = "TUNELAB_API_KEY"
     api_key_file: str | None = None
@@ -66,7 +67,7 @@ def load_service(options: ServeOptions) -> ModelService:
 
         torch.set_num_threads(options.threads)
     # batch_size: a forward pass holds at most max_batch texts (NER windows of long texts may add a few).
-    predictor = Predictor(options.model_dir, options.device, batch_size=options.limits.max_batch)
+    predictor = Predictor(options.model_dir, options.device, batch_size=options.limits.max_batch, bf16=options.bf16)
     for name, folder in options.adapters.items():
         predictor.add_adapter(name, folder)
     return ModelService(predictor)

@@ -3,7 +3,9 @@
 A request's texts wait in a bounded queue. One worker takes the oldest request, then keeps adding requests
 for the same model route (task, adapter, generation bound) until it holds `max_batch` texts or `max_wait_s`
 has passed, and runs them in one call on a single model thread, so that the event loop stays free to accept
-and reject requests meanwhile. A request with more than `max_batch` texts is cut into parts of at most
+and reject requests meanwhile. The wait applies under concurrent load only, that is when the previous forward
+pass served more than one request: a lone client would otherwise wait `max_wait_s` on every request for
+company that never comes (requests that arrive while the model is busy join the next batch anyway). A request with more than `max_batch` texts is cut into parts of at most
 `max_batch`. Admission is decided at once: when the queue cannot take a request's texts it is refused
 (`Overloaded`, which the server answers with 503 and Retry-After) instead of waiting for room.
 
@@ -63,6 +65,7 @@ class MicroBatcher:
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._last_requests = 0  # requests the previous forward pass served: >1 means concurrent load
 
     async def start(self) -> None:
         self._arrived = asyncio.Event()
@@ -115,7 +118,7 @@ class MicroBatcher:
                     return
                 batch = self._take(key, [])
                 deadline = loop.time() + self.max_wait_s
-                while self._size(batch) < self.max_batch and not self._closing:
+                while self._size(batch) < self.max_batch and not self._closing and self._last_requests > 1:
                     left = deadline - loop.time()
                     if left <= 0:
                         break
@@ -126,6 +129,7 @@ class MicroBatcher:
                         break
                     batch = self._take(key, batch)
                 if batch:
+                    self._last_requests = len(batch)
                     await self._execute(key, batch)
         finally:
             # Only reached with jobs left if the worker itself was cancelled: nobody may wait forever.

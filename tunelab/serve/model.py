@@ -4,7 +4,6 @@ Texts become examples and predictions become records through the same functions 
 (`text_examples`, `prediction_records`), so the server and the command line give the same answer.
 """
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +52,7 @@ class ModelService:
         return route.task if self.multitask else next(iter(self.tasks))
 
     def task_for(self, route: Route):
-        """The task object the Predictor uses for this route (the same choice as Predictor._use)."""
+        """The task object the Predictor uses for this route (the same choice as Predictor.use)."""
         if self.multitask:
             return self.predictor.tasks[route.task]
         if route.adapter is not None or len(self.adapters) > 1:
@@ -88,21 +87,6 @@ class ModelService:
         """One forward pass over `texts` (called on the model thread only). Returns one record each."""
         kind = self.tasks[self.task_name(route)].kind
         examples, offsets = text_examples(kind, [TextExample(t, None, "<request>", i + 1) for i, t in enumerate(texts)])
-        with self._generation_bound(route):
-            predictions = self.predictor.predict(examples, adapter=route.adapter, task=route.task)
+        predictions = self.predictor.predict(examples, adapter=route.adapter, task=route.task,
+                                             max_new_tokens=route.max_new_tokens)
         return list(prediction_records(kind, self.task_for(route).labels, examples, predictions, offsets))
-
-    @contextlib.contextmanager
-    def _generation_bound(self, route: Route):
-        """GenerateTask.generate reads its bound from the task's max_target_length: lower it for this call.
-        Safe because only the model thread touches task objects."""
-        if route.max_new_tokens is None:
-            yield
-            return
-        task = self.task_for(route)
-        saved = task.max_target_length
-        task.max_target_length = route.max_new_tokens
-        try:
-            yield
-        finally:
-            task.max_target_length = saved

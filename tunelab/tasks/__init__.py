@@ -26,7 +26,8 @@ class GenerationTask(Protocol):
     def evaluate(self, model, examples, device, bf16, batch_size, desc) -> dict:
         """Metrics with `main` (higher is better)."""
 
-    def generate(self, model, examples, device, bf16, batch_size, desc) -> list[str]: ...
+    def generate(self, model, examples, device, bf16, batch_size, desc, max_new_tokens=None) -> list[str]:
+        """Greedy outputs; `max_new_tokens` (None: the task's own bound) caps their length."""
 
 
 def make_task(kind: str, tokenizer, labels, max_length: int, context_sentences: int = 0, *,

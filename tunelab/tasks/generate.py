@@ -7,7 +7,8 @@ target + eos the decoder labels; the model shifts them into its decoder input it
 Over-long prompts lose their end, never the suffix or the target (the start of an article carries its point);
 targets keep their first `max_target_length` tokens. Model selection uses the dev loss per target token
 (`main` = -loss, so that higher is better like every other task); perplexity is reported beside it.
-Prediction decodes greedily (deterministic), `max_target_length` new tokens at most.
+Prediction decodes greedily (deterministic), `max_target_length` new tokens at most unless the call asks
+for fewer (`max_new_tokens`, e.g. per request in the server).
 """
 
 import math
@@ -80,8 +81,14 @@ class GenerateTask:
         return {"main": -loss, "loss": loss, "perplexity": math.exp(min(loss, 50)), "target_tokens": count}
 
     @torch.inference_mode()
-    def generate(self, model, examples, device, bf16=False, batch_size=16, desc=None) -> list[str]:
-        """Greedy outputs, one string per example."""
+    def generate(self, model, examples, device, bf16=False, batch_size=16, desc=None,
+                 max_new_tokens: int | None = None) -> list[str]:
+        """Greedy outputs, one string per example, of at most `max_new_tokens` tokens (None: the task's
+        max_target_length; a larger value is an error, as the model never learned to write that far)."""
+        bound = self.max_target_length if max_new_tokens is None else max_new_tokens
+        if not 1 <= bound <= self.max_target_length:
+            raise ValueError(f"max_new_tokens is {max_new_tokens}; it must be between 1 and the model's "
+                             f"max_target_length ({self.max_target_length})")
         prompts = [GenExample(e.prompt, None, e.source, e.line) for e in examples]
         features = self.encode(prompts, training=False)
         out = [None] * len(examples)
@@ -97,7 +104,7 @@ class GenerateTask:
                     ids[r, sl], mask[r, sl] = torch.tensor(row), 1
                 with autocast(device, bf16):
                     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                         max_new_tokens=self.max_target_length, pad_token_id=self.pad,
+                                         max_new_tokens=bound, pad_token_id=self.pad,
                                          eos_token_id=self.eos)
                 new = gen if self.encoder_decoder else gen[:, longest:]
                 for r, i in enumerate(idx):
