@@ -139,6 +139,18 @@ def tiny_model_dir(tmp_path_factory, minilm_tokenizer):
     return save_tiny(tmp_path_factory, "tiny-bert", BertModel, config, minilm_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def cls_model(tmp_path_factory, cls_dir, tiny_model_dir):
+    """A small trained classification folder on the tiny BERT, for tests that only need a working model."""
+    from tunelab import finetune
+
+    out = tmp_path_factory.mktemp("cls-model") / "out"
+    finetune(None, tiny_overrides(tiny_model_dir, out, task="classify", **{
+        "data.train": cls_dir / "train.jsonl", "data.dev": cls_dir / "dev.jsonl", "train.epochs": 2,
+        "train.batch_size": 8, "train.lr": 5e-3, "train.threads": 1}))
+    return out
+
+
 def tiny_overrides(model_dir, out, **extra) -> list[str]:
     """Config overrides for a quick run on the tiny model."""
     values = {"model.name": str(model_dir), "output_dir": str(out), "train.threads": 2, "train.epochs": 4,

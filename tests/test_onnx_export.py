@@ -6,21 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import tiny_overrides
 from tunelab import cli
 from tunelab.data.examples import TextExample
 from tunelab.predict import Predictor, feature_logits, text_examples
-
-
-@pytest.fixture(scope="module")
-def cls_model(tmp_path_factory, cls_dir, tiny_model_dir):
-    from tunelab import finetune
-
-    out = tmp_path_factory.mktemp("onnx-cls") / "out"
-    finetune(None, tiny_overrides(tiny_model_dir, out, task="classify", **{
-        "data.train": cls_dir / "train.jsonl", "data.dev": cls_dir / "dev.jsonl", "train.epochs": 1,
-        "train.batch_size": 8, "train.lr": 5e-3, "train.threads": 1}))
-    return out
 
 
 def onnx_logits(folder, texts, kind):

@@ -6,7 +6,6 @@ import tracemalloc
 
 import pytest
 
-from conftest import tiny_overrides
 from tunelab import cli
 from tunelab.data import read_file
 from tunelab.data.conll import write_conll
@@ -15,17 +14,6 @@ from tunelab.data.stream import BadLine, stream_inputs
 from tunelab.data.text import read_lines
 from tunelab.predict import Predictor, prediction_records, text_examples
 from tunelab.predict_file import chunks
-
-
-@pytest.fixture(scope="module")
-def cls_model(tmp_path_factory, cls_dir, tiny_model_dir):
-    from tunelab import finetune
-
-    out = tmp_path_factory.mktemp("stream-cls") / "out"
-    finetune(None, tiny_overrides(tiny_model_dir, out, task="classify", **{
-        "data.train": cls_dir / "train.jsonl", "data.dev": cls_dir / "dev.jsonl", "train.epochs": 2,
-        "train.batch_size": 8, "train.lr": 5e-3, "train.threads": 1}))
-    return out
 
 
 def records(path) -> list[dict]:

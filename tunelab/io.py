@@ -8,19 +8,8 @@ from pathlib import Path
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, binary=True) as f:
+        f.write(data)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -32,14 +21,14 @@ def atomic_write_json(path, obj) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path, encoding="utf-8"):
-    """A text file to write `path` through: it appears (replacing any old one) only when the block ends
-    without an exception; otherwise nothing is left behind. For outputs written piece by piece."""
+def atomic_open(path, encoding="utf-8", binary=False):
+    """A file to write `path` through: it appears (replacing any old one) only when the block ends without an
+    exception, synced to disk; otherwise nothing is left behind. Also for outputs written piece by piece."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding=encoding, newline="\n") as f:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding=encoding, newline="\n")) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
