@@ -59,10 +59,15 @@ def multitask_config(args, low: bool):
 def low_size(spec, fraction: float) -> int:
     """The first `fraction` of the task's training examples (CoNLL: whole documents from the start of the
     file; the other sets are shuffled once by their seeded split, so their first N are a fair sample)."""
+    return max(1, round(train_size(spec) * fraction))
+
+
+def train_size(spec) -> int:
+    """Training examples the task's run uses (data.max_train_examples applied)."""
     from tunelab.data import load_splits
 
-    full = spec.data.max_train_examples or len(load_splits(spec.data, spec.task).train)
-    return max(1, round(full * fraction))
+    n = len(load_splits(spec.data, spec.task).train)
+    return min(n, spec.data.max_train_examples or n)
 
 
 def single_config(mt, name: str, out: str):
@@ -98,16 +103,12 @@ def run_one(args) -> dict:
         name = args.low if kind.startswith("low_single") else kind[len("single_"):]
         cfg = single_config(mt, name, out)
         if kind == "low_single_long":
-            import math
+            from tunelab.multitask.train import step_budget
 
-            from tunelab.data import load_splits
-
-            def batches(spec):
-                n = len(load_splits(spec.data, spec.task).train)
-                return math.ceil(min(n, spec.data.max_train_examples or n) / mt.train.batch_size)
-
-            multi_steps = math.ceil(mt.train.epochs * sum(batches(s) for s in mt.tasks.values()))
-            cfg.train.epochs = multi_steps / batches(mt.tasks[name])
+            sizes = {n: train_size(spec) for n, spec in mt.tasks.items()}
+            _, multi_steps = step_budget(sizes.values(), mt.train.batch_size, mt.train.epochs)
+            per_epoch, _ = step_budget([sizes[name]], mt.train.batch_size, 1)
+            cfg.train.epochs = multi_steps / per_epoch
         rep = train_single(cfg, overwrite=True)
         result["tasks"][name] = {"dev": rep["dev"]["main"], "test": rep["test"]["main"],
                                  "train_size": rep["sizes"]["train"]}

@@ -246,23 +246,31 @@ class Predictor:
 
     def metrics(self, examples: list, predictions: list, task: str | None = None) -> dict:
         """Metrics of predictions already made (NER, classification)."""
-        self.task_meta(task)
-        return (self.tasks[task] if self.tasks else self.task).metrics(examples, predictions)
+        return self.task_for(task=task).metrics(examples, predictions)
 
-    def use(self, adapter: str | None = None, task: str | None = None):
-        """(Task, model) for a call: the multi-task folder's task `task`, or the adapter `adapter`."""
+    def task_for(self, adapter: str | None = None, task: str | None = None):
+        """The task object a call with these arguments uses: the multi-task folder's task `task`, or the
+        adapter `adapter`'s (the default adapter when several are loaded and none is named)."""
         self.task_meta(task)
         if self.tasks:
-            return self.tasks[task], self.model.use(task)
-        t = self.task
+            return self.tasks[task]
         if adapter is not None or len(self.adapters) > 1:
             name = adapter or "default"
             if name not in self.adapters:
                 raise TunelabError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters)}")
+            return self.adapters[name][1]
+        return self.task
+
+    def use(self, adapter: str | None = None, task: str | None = None):
+        """(Task, model) for a call, with the model switched to that task's head or that adapter."""
+        t = self.task_for(adapter, task)
+        if self.tasks:
+            return t, self.model.use(task)
+        if adapter is not None or len(self.adapters) > 1:
+            name = adapter or "default"
             if name != self.active:
                 self.model.set_adapter(name)
                 self.active = name
-            t = self.adapters[name][1]
         return t, self.model
 
 

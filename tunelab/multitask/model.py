@@ -147,13 +147,9 @@ def set_active_adapter(backbone, name: str) -> None:
 def state(model: MultiTaskModel) -> dict:
     """Every tensor once (the shared backbone under backbone.*, each head under heads.NAME.*): what the
     multi-task folder saves. Tied weights are kept once and re-tied on load."""
-    out, seen = {}, set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        out[name] = t.detach().contiguous().cpu()
-    return out
+    from tunelab.peft import trainable_state
+
+    return {k: v.contiguous().cpu() for k, v in trainable_state(model, frozen_too=True).items()}
 
 
 def load_state(model: MultiTaskModel, weights: dict, path) -> None:

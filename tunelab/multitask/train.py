@@ -55,6 +55,10 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
         except TunelabError as e:
             raise TunelabError(f"tasks.{name}: {e}") from None
 
+    if mc.select != "mean" and not splits[mc.select].dev:
+        raise TunelabError(f"multitask.select={mc.select}: task {mc.select} has no dev set to select on; give it "
+                           "data.dev or select on the mean")
+
     # One backbone, a head per task.
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
@@ -75,8 +79,8 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
     model.to(device)
 
     tasks, features, lengths = {}, {}, {}
+    limit = getattr(model.backbone.config, "max_position_embeddings", None) or 10**9
     for name, spec in cfg.tasks.items():
-        limit = getattr(model.backbone.config, "max_position_embeddings", None) or 10**9
         max_length = min(spec.max_length or cfg.model.max_length, limit)
         gen = {}
         if spec.task == "generate":
@@ -98,8 +102,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
 
     # The budget: train.epochs passes over all tasks' batches, whichever way they are drawn.
     per_step = tc.grad_accum * (len(names) if mc.mix == "all" else 1)
-    steps_per_epoch = math.ceil(sum(math.ceil(s / tc.batch_size) for s in sizes.values()) / per_step)
-    total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = step_budget(sizes.values(), tc.batch_size, tc.epochs, per_step)
     heads = mtm.head_modules(model) | {"uncertainty"}
     optimizer, scheduler = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, tc.scheduler,
                                            round(tc.warmup_ratio * total_steps), total_steps, heads)
@@ -211,6 +214,13 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
     return report
 
 
+def step_budget(sizes, batch_size: int, epochs: float, per_step: int = 1) -> tuple[int, int]:
+    """(steps per epoch, total steps): an epoch is one pass over every task's batches, `per_step` batches an
+    optimizer step (grad_accum, times the number of tasks under mix=all)."""
+    per_epoch = math.ceil(sum(math.ceil(s / batch_size) for s in sizes) / per_step)
+    return per_epoch, max(1, math.ceil(epochs * per_epoch))
+
+
 def backward(model, work, weigh, accum: int, device, bf16, shared=(), surgery=None) -> tuple[float, dict]:
     """Forward and backward every (task name, batch) of one optimizer step, gradients left in .grad.
 
@@ -251,8 +261,6 @@ def evaluate_dev(cfg, model, tasks, splits, device, state, out) -> None:
     if not scores:
         return
     select = cfg.multitask.select
-    if select != "mean" and select not in scores:
-        raise TunelabError(f"multitask.select={select}: task {select} has no dev set to select on")
     value = sum(scores.values()) / len(scores) if select == "mean" else scores[select]
     state["evals"].append({"step": state["step"], "dev": value, "scores": scores, "tasks": per_task})
     improved = state["best"] is None or value > state["best"]

@@ -221,12 +221,13 @@ def describe(trainable: int, total: int) -> str:
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.3g} %)"
 
 
-def trainable_state(model) -> dict:
+def trainable_state(model, frozen_too: bool = False) -> dict:
     """What training changes: the trainable parameters and the (persistent) buffers, each tensor once even
-    where weights are tied. The frozen rest is the pretrained model, reloaded from its folder on resume."""
+    where weights are tied or modules shared (under its first name). The frozen rest is the pretrained model,
+    reloaded from its folder on resume; `frozen_too` includes it (a complete, deduplicated state)."""
     out, seen = {}, set()
     for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen or (isinstance(t, torch.nn.Parameter) and not t.requires_grad):
+        if id(t) in seen or (not frozen_too and isinstance(t, torch.nn.Parameter) and not t.requires_grad):
             continue
         seen.add(id(t))
         out[name] = t.detach()

@@ -52,12 +52,8 @@ class ModelService:
         return route.task if self.multitask else next(iter(self.tasks))
 
     def task_for(self, route: Route):
-        """The task object the Predictor uses for this route (the same choice as Predictor.use)."""
-        if self.multitask:
-            return self.predictor.tasks[route.task]
-        if route.adapter is not None or len(self.adapters) > 1:
-            return self.predictor.adapters[route.adapter or "default"][1]
-        return self.predictor.task
+        """The task object the Predictor uses for this route."""
+        return self.predictor.task_for(route.adapter, route.task)
 
     def describe(self) -> dict:
         meta = self.predictor.meta
