@@ -25,15 +25,20 @@ def finetune(config=None, overrides=(), *, train=None, dev=None, test=None, resu
             raise TunelabError("task: multitask reads each task's data from tasks.NAME.data (files or built-in "
                                "sets); in-memory train/dev/test are for single-task runs")
         return run_multitask(cfg, resume=resume, overwrite=overwrite)
+    kind = "generate" if cfg.task == "rl" else cfg.task  # RL reads prompts (and references) like generation
     splits = None
     if has_data:
         def conv(x):
             if x is None:
                 return []
             if hasattr(x, "column_names") and hasattr(x, "features"):
-                return from_hf_dataset(x, cfg.task)
-            return from_records(list(x), cfg.task)
+                return from_hf_dataset(x, kind)
+            return from_records(list(x), kind)
 
         splits = Splits(conv(train), conv(dev), conv(test), {"source": "in-memory"})
+    if cfg.task == "rl":
+        from tunelab.rl import train as run_rl
+
+        return run_rl(cfg, splits, resume=resume, overwrite=overwrite)
     return run(cfg, splits, resume=resume, overwrite=overwrite)
 

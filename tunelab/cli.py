@@ -157,6 +157,14 @@ def cmd_train(args) -> int:
                 print(f"\n== {name}: test ==\n{metrics_table(entry['test'])}")
         print(f"\nmodel, report and curves: {cfg.output_dir}")
         return 0
+    if cfg.task == "rl":
+        from tunelab.report.rl import before_after_table
+        from tunelab.rl import train as train_rl
+
+        report = train_rl(cfg, resume=args.resume, overwrite=args.overwrite)
+        print(f"\n== held-out, before and after ==\n{before_after_table(report['before'], report['after'])}")
+        print(f"\nmodel, report and curves: {cfg.output_dir}")
+        return 0
     report = train(cfg, resume=args.resume, overwrite=args.overwrite)
     for split in ("dev", "test"):
         if report.get(split):

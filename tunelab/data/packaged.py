@@ -155,8 +155,63 @@ def bbc_headlines() -> Splits:
         "task": f"article body (first {HEADLINE_PROMPT_WORDS} words) -> title"})
 
 
+RT_PROMPT_WORDS = 5
+
+
+def rt_prompts() -> Splits:
+    """Prompts for sentiment steering: the first RT_PROMPT_WORDS words of each Rotten Tomatoes snippet (the
+    rt_sentiment split, so held-out prompts come from held-out movies), the snippet's real rest as reference.
+    Snippets of fewer than RT_PROMPT_WORDS + 3 words are left out."""
+    base = rt_sentiment()
+
+    def convert(examples):
+        out = []
+        for e in examples:
+            words = e.text.split()
+            if len(words) >= RT_PROMPT_WORDS + 3:
+                out.append(GenExample(" ".join(words[:RT_PROMPT_WORDS]), " ".join(words[RT_PROMPT_WORDS:]),
+                                      e.source, e.line))
+        return out
+
+    return Splits(convert(base.train), convert(base.dev), convert(base.test), {
+        **base.about, "name": "rt_prompts",
+        "task": f"first {RT_PROMPT_WORDS} words of a review snippet -> a continuation (reference: the real rest)"})
+
+
+CHITCHAT_MAX_WORDS = 40
+
+
+def chitchat() -> Splits:
+    """Chit-Chat dialogues (chitchat-dataset==0.9.0): a turn -> the other speaker's reply. A turn is one
+    speaker's consecutive messages joined. Pairs whose turn or reply is empty or over CHITCHAT_MAX_WORDS
+    words are left out; exact duplicate pairs ("hi" -> "hello") are kept once. Split by conversation
+    80/10/10 (seed 13), so no dialogue has pairs in two splits."""
+    import json
+
+    path = package_dir("chitchat_dataset", "chitchat-dataset==0.9.0") / "dataset.json"
+    dialogues = json.loads(path.read_text(encoding="utf-8"))
+    seen, by_dialogue = set(), {}
+    for conv_id, conv in dialogues.items():
+        turns = [" ".join(" ".join(m["text"].split()) for m in turn if m.get("text")) for turn in conv["messages"]]
+        for i in range(1, len(turns)):
+            prev, reply = turns[i - 1], turns[i]
+            if not (0 < len(prev.split()) <= CHITCHAT_MAX_WORDS and 0 < len(reply.split()) <= CHITCHAT_MAX_WORDS):
+                continue
+            if (prev, reply) in seen:
+                continue
+            seen.add((prev, reply))
+            # `line` is the turn's index in the conversation (the file is one JSON object).
+            by_dialogue.setdefault(conv_id, []).append(GenExample(f"Message: {prev}", reply, f"{path}#{conv_id}", i))
+    train, dev, test = _grouped(by_dialogue, (0.8, 0.1, 0.1), SPLIT_SEED)
+    return Splits(train, dev, test, {
+        "name": "chitchat", "files": str(path), "task": "a dialogue turn -> the reply",
+        "split": f"turn/reply pairs of up to {CHITCHAT_MAX_WORDS} words, duplicates removed, by conversation "
+                 f"80/10/10, seed {SPLIT_SEED}"})
+
+
 BUILTIN = {"conll2003": conll2003, "msra": msra, "bbc_news": bbc_news, "chn_sentiment": chn_sentiment,
-           "rt_sentiment": rt_sentiment, "bbc_headlines": bbc_headlines}
+           "rt_sentiment": rt_sentiment, "bbc_headlines": bbc_headlines, "rt_prompts": rt_prompts,
+           "chitchat": chitchat}
 
 
 def load_builtin(name: str) -> Splits:
