@@ -17,6 +17,9 @@ EPILOG = """examples:
   tunelab export runs/mtl --task ner runs/ner-only
   tunelab export runs/ner runs/ner-onnx --onnx
   tunelab serve runs/ner --port 8000
+  tunelab runs runs/
+  tunelab compare runs/ner runs/ner-lora --metric dev/micro/f1 --out compare.png
+  accelerate launch --multi_gpu --num_processes 2 -m tunelab train recipes/conll2003_ner.yaml
 """
 
 
@@ -113,6 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="another adapter trained on the same base, chosen per request by name (repeatable)")
     s.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
+
+    ls = sub.add_parser("runs", help="list the runs under a folder with their key config and best metrics",
+                        description="List every run folder (config.yaml with report.json, or an unfinished run's "
+                                    "checkpoint) at or under DIR: task, model, tuning method, lr, epochs, seed, "
+                                    "steps, best dev score and test score. Markdown table, or JSON.")
+    ls.add_argument("dir")
+    ls.add_argument("--json", action="store_true", help="JSON instead of a Markdown table")
+
+    c = sub.add_parser("compare", help="compare runs: a table and overlaid curves of chosen metrics",
+                       description="A table (Markdown, or --json) of the runs' key config and each metric's best "
+                                   "and last value, and with --out a PNG of the metrics' curves overlaid. Metric "
+                                   "names are TensorBoard's: train/loss, train/lr, train/tokens_per_second, "
+                                   "dev/main (what selection maximises), dev/micro/f1, dev/macro_f1, "
+                                   "dev/TASK/... for multi-task runs; an unknown name lists the run's metrics.")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    c.add_argument("--metric", action="append", dest="metrics", metavar="NAME",
+                   help="a metric to compare (repeatable; default: train/loss and dev/main)")
+    c.add_argument("--out", help="write the curves here (PNG)")
+    c.add_argument("--json", action="store_true", help="JSON instead of a Markdown table")
     return p
 
 
@@ -144,6 +166,7 @@ def _read_labelled(args, task: str, path: str) -> list:
 
 def cmd_train(args) -> int:
     from tunelab.config import load_config
+    from tunelab.distributed import is_main
     from tunelab.report import metrics_table
     from tunelab.train import train
 
@@ -152,6 +175,8 @@ def cmd_train(args) -> int:
         from tunelab.multitask import train as train_multitask
 
         report = train_multitask(cfg, resume=args.resume, overwrite=args.overwrite)
+        if not is_main():  # a distributed run: the main process prints
+            return 0
         for name, entry in report["tasks"].items():
             if entry.get("test"):
                 print(f"\n== {name}: test ==\n{metrics_table(entry['test'])}")
@@ -166,6 +191,8 @@ def cmd_train(args) -> int:
         print(f"\nmodel, report and curves: {cfg.output_dir}")
         return 0
     report = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if not is_main():
+        return 0
     for split in ("dev", "test"):
         if report.get(split):
             print(f"\n== {split} ==\n{metrics_table(report[split])}")
@@ -298,6 +325,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from tunelab.runs import list_runs, markdown_table
+
+    rows = list_runs(args.dir)
+    if not rows:
+        raise TunelabError(f"{args.dir}: no runs here (a run folder holds config.yaml with report.json or a "
+                           "checkpoint)")
+    print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tunelab.runs import compare, markdown_table
+
+    if args.out and not args.out.lower().endswith(".png"):
+        raise TunelabError(f"--out {args.out}: the curves are written as PNG; name a .png file")
+    rows = compare(args.runs, args.metrics, args.out)
+    print(json.dumps(rows, indent=2) if args.json else markdown_table(rows))
+    if args.out:
+        print(f"curves: {args.out}", file=sys.stderr)
+    return 0
+
+
 def write_predictions(out, task, labels, examples, predictions) -> None:
     """tunelab eval --predictions: JSONL records, or CoNLL columns (word gold predicted) for NER."""
     from tunelab.io import atomic_write_text
@@ -324,7 +374,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
-                "export": cmd_export, "serve": cmd_serve}[args.command](args)
+                "export": cmd_export, "serve": cmd_serve, "runs": cmd_runs, "compare": cmd_compare}[args.command](args)
     except TunelabError as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2

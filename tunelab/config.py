@@ -108,6 +108,15 @@ class MultiTaskConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Experiment tracking (tunelab.track): where each run's scalars go besides report.json."""
+    tensorboard: bool = True  # event files in OUTPUT_DIR/tensorboard
+    mlflow: bool = False  # needs the `track` extra (mlflow-skinny)
+    mlflow_uri: str | None = None  # tracking URI; None = file store in OUTPUT_DIR/mlruns (works offline)
+    experiment: str | None = None  # MLflow experiment name; None = "tunelab"
+
+
+@dataclass
 class RunConfig:
     task: str = "ner"  # ner | classify | generate | multitask
     output_dir: str = "runs/run"
@@ -117,6 +126,7 @@ class RunConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)  # task: multitask
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 TASKS = ("ner", "classify", "generate")

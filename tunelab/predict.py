@@ -40,19 +40,25 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def inference_batches(features: list[dict], batch_size: int, desc: str | None):
-    """Feature indices in length-sorted batches, with a progress bar when `desc` is given."""
-    batches = eval_batches([len(f["input_ids"]) for f in features], batch_size)
+def inference_batches(features: list[dict], batch_size: int, desc: str | None, dist=None):
+    """(position, feature indices) of length-sorted batches, with a progress bar when `desc` is given.
+
+    dist (tunelab.distributed.Dist): a distributed run's evaluation; this rank gets every world-th batch
+    of the very batches one process would run (so its outputs are the same), to be gathered by position."""
+    batches = list(enumerate(eval_batches([len(f["input_ids"]) for f in features], batch_size)))
+    if dist is not None and dist.world > 1:
+        batches = batches[dist.rank::dist.world]
     return progress.bar(iterable=batches, desc=desc, disable=desc is None, leave=False, unit="batch")
 
 
 @torch.inference_mode()
 def feature_logits(model, features: list[dict], pad_id: int, device, bf16=False, batch_size=64,
-                   desc: str | None = None) -> list:
-    """Logits per feature, as float32 numpy: (seq, labels) trimmed to the feature's length, or (labels,)."""
-    out = [None] * len(features)
+                   desc: str | None = None, dist=None) -> list:
+    """Logits per feature, as float32 numpy: (seq, labels) trimmed to the feature's length, or (labels,).
+    dist: computed across a distributed run's ranks and gathered, every feature's logits on every rank."""
+    out = {}
     with eval_mode(model):
-        for idx in inference_batches(features, batch_size, desc):
+        for _, idx in inference_batches(features, batch_size, desc, dist):
             batch = collate([features[i] for i in idx], pad_id)
             with autocast(device, bf16):
                 logits = model(input_ids=batch["input_ids"].to(device),
@@ -60,11 +66,13 @@ def feature_logits(model, features: list[dict], pad_id: int, device, bf16=False,
             logits = logits.float().cpu().numpy()
             for row, i in enumerate(idx):
                 out[i] = logits[row, : len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row]
-    return out
+    if dist is not None:
+        out = dist.gather(out)
+    return [out[i] for i in range(len(features))]
 
 
 def predict(task, model, examples: list, device, bf16=False, batch_size=64, desc=None,
-            max_new_tokens: int | None = None) -> list:
+            max_new_tokens: int | None = None, dist=None) -> list:
     """Per example: NER (tags, scores), classification (label, probabilities), generation: the output text
     (of at most `max_new_tokens` tokens; None: the task's own bound; only generation takes it)."""
     if task.kind == "generate":
@@ -72,15 +80,16 @@ def predict(task, model, examples: list, device, bf16=False, batch_size=64, desc
     if max_new_tokens is not None:
         raise ValueError(f"max_new_tokens is for generation; this task is {task.kind}")
     features = task.encode(examples, training=False)
-    logits = feature_logits(model, features, task.pad, device, bf16, batch_size, desc)
+    logits = feature_logits(model, features, task.pad, device, bf16, batch_size, desc, dist)
     return task.decode(features, logits, len(examples))
 
 
-def evaluate(task, model, examples: list, device, bf16=False, batch_size=64, desc=None) -> dict:
-    """Metrics against the examples' gold labels or references; `main` is what model selection maximises."""
+def evaluate(task, model, examples: list, device, bf16=False, batch_size=64, desc=None, dist=None) -> dict:
+    """Metrics against the examples' gold labels or references; `main` is what model selection maximises.
+    dist: a distributed run's ranks share the forward passes; every rank gets the metrics of all examples."""
     if task.kind == "generate":
-        return task.evaluate(model, examples, device, bf16, min(batch_size, 16), desc)
-    return task.metrics(examples, predict(task, model, examples, device, bf16, batch_size, desc))
+        return task.evaluate(model, examples, device, bf16, min(batch_size, 16), desc, dist)
+    return task.metrics(examples, predict(task, model, examples, device, bf16, batch_size, desc, dist=dist))
 
 
 def text_examples(kind: str, texts: list) -> tuple[list, list | None]:

@@ -65,18 +65,24 @@ class GenerateTask:
         return out
 
     @torch.inference_mode()
-    def evaluate(self, model, examples, device, bf16=False, batch_size=16, desc=None) -> dict:
-        """Mean loss per reference token (and perplexity) under teacher forcing."""
+    def evaluate(self, model, examples, device, bf16=False, batch_size=16, desc=None, dist=None) -> dict:
+        """Mean loss per reference token (and perplexity) under teacher forcing. dist: a distributed run's
+        ranks share the batches; the sums are taken in batch order, as on one process."""
         features = self.encode(examples, training=True)
-        total, count = 0.0, 0
+        parts = {}
         with eval_mode(model):
-            for idx in inference_batches(features, batch_size, desc):
+            for pos, idx in inference_batches(features, batch_size, desc, dist):
                 batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], self.pad).items()}
                 with autocast(device, bf16):
                     loss = model(**batch).loss.float().item()
                 labels = batch["labels"] if self.encoder_decoder else batch["labels"][:, 1:]  # causal: shifted
-                n = int((labels != -100).sum())
-                total, count = total + loss * n, count + n
+                parts[pos] = (loss, int((labels != -100).sum()))
+        if dist is not None:
+            parts = dist.gather(parts)
+        total, count = 0.0, 0
+        for pos in sorted(parts):
+            loss, n = parts[pos]
+            total, count = total + loss * n, count + n
         loss = total / max(1, count)
         return {"main": -loss, "loss": loss, "perplexity": math.exp(min(loss, 50)), "target_tokens": count}
 
@@ -93,7 +99,7 @@ class GenerateTask:
         features = self.encode(prompts, training=False)
         out = [None] * len(examples)
         with eval_mode(model):
-            for idx in inference_batches(features, batch_size, desc):
+            for _, idx in inference_batches(features, batch_size, desc):
                 rows = [features[i]["input_ids"] for i in idx]
                 longest = max(map(len, rows))
                 ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)

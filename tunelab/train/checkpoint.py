@@ -20,14 +20,16 @@ NAME = "checkpoint"
 BEST = "checkpoint-best.safetensors"
 
 
-def save(run_dir, model, optimizer, scheduler, state: dict) -> None:
+def save(run_dir, model, optimizer, scheduler, state: dict, rng: dict | None = None) -> None:
+    """`rng`: torch RNG states by name (a distributed run's, one per rank: tunelab.distributed.rng_states);
+    None: this process's."""
     run_dir = Path(run_dir)
     tmp, final, old = run_dir / f".{NAME}.tmp", run_dir / NAME, run_dir / f".{NAME}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(_weights(model), tmp / "model.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    rng = {"torch": torch.get_rng_state()}
+    rng = dict(rng or {"torch": torch.get_rng_state()})
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, tmp / "rng.safetensors")
@@ -48,14 +50,14 @@ def find(run_dir) -> Path | None:
     return None
 
 
-def load(path, model, optimizer, scheduler, device) -> dict:
+def load(path, model, optimizer, scheduler, device, rank: int = 0) -> dict:
     path = Path(path)
     _restore(model, load_file(path / "model.safetensors", device=str(device)), path)
     optim = torch.load(path / "optim.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
     rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
+    torch.set_rng_state(rng.get(f"torch.rank{rank}", rng["torch"]))
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)

@@ -17,14 +17,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from tunelab import config as config_mod
+from tunelab import distributed
 from tunelab import peft as tuning
-from tunelab import progress
+from tunelab import progress, track
 from tunelab.data import Splits, check_labels, load_splits
 from tunelab.data.batching import collate, epoch_batches
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_write_text
 from tunelab.models import load_model, load_tokenizer, resolve_model_path
-from tunelab.predict import META_FILE, autocast, evaluate, pick_device, predict
+from tunelab.predict import META_FILE, autocast, evaluate, predict
 from tunelab.tasks import make_task
 from tunelab.train import checkpoint
 from tunelab.train.optim import build_optimizer
@@ -34,14 +35,18 @@ SAMPLES = 8  # generation: test outputs shown in the report beside their referen
 
 
 def log(msg: str) -> None:
-    tqdm.write(f"[tunelab] {msg}", file=sys.stderr)
+    if distributed.is_main():  # one log for a distributed run, not one per process
+        tqdm.write(f"[tunelab] {msg}", file=sys.stderr)
 
 
-def prepare_output(out: Path, cfg, resume: bool, overwrite: bool) -> None:
+def prepare_output(out: Path, cfg, resume: bool, overwrite: bool, write: bool = True) -> None:
+    """Check that output_dir may take this run; with `write` also clear it (--overwrite) and save the
+    resolved config."""
     saved = out / "config.yaml"
     if out.exists() and any(out.iterdir()):
         if overwrite:
-            shutil.rmtree(out)
+            if write:
+                shutil.rmtree(out)
         elif resume:
             if (out / "report.json").is_file() and checkpoint.find(out) is None:
                 raise TunelabError(f"--resume: the run in {out} has already finished (report.json is there); "
@@ -49,15 +54,17 @@ def prepare_output(out: Path, cfg, resume: bool, overwrite: bool) -> None:
             if saved.is_file():
                 old = yaml.safe_load(saved.read_text(encoding="utf-8"))
                 new = config_mod.to_dict(cfg)
-                diff = [k for k in _flat(new) if _flat(old).get(k) != _flat(new)[k]]
+                # tracking settings do not change the training: a resumed run may log elsewhere
+                diff = [k for k in _flat(new) if _flat(old).get(k) != _flat(new)[k] and not k.startswith("track.")]
                 if diff:
                     raise TunelabError(f"--resume: the config differs from the one {out} was started with "
                                        f"({', '.join(diff)}); resume with the same recipe and overrides")
         else:
             raise TunelabError(f"output_dir {out} already holds files; pass --resume to continue that run or "
                                "--overwrite to start again (or set output_dir=...)")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, config_mod.to_yaml(cfg))
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, config_mod.to_yaml(cfg))
 
 
 def _flat(d, prefix=""):
@@ -68,13 +75,16 @@ def _flat(d, prefix=""):
 
 
 def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run one fine-tuning job; returns the report (also written to cfg.output_dir)."""
+    """Run one fine-tuning job; returns the report (also written to cfg.output_dir). Under `accelerate
+    launch` / `torchrun` every process runs this same function (tunelab.distributed says how they share)."""
     out = Path(cfg.output_dir)
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    device = pick_device(tc.device)
+    dist = distributed.start(tc.device)
+    distributed.check_batch(tc.batch_size, dist)
+    device = dist.device
 
     # Data and labels: a dev/test label never seen in training is an error, not a silent zero.
     splits = splits if splits is not None else load_splits(cfg.data, cfg.task)
@@ -97,13 +107,18 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     check_coverage(features, tokenizer, cfg.model.name, cfg.model.max_unk_share)
     # Only now touch output_dir: a run stopped by a mistake in its data, model path or model choice leaves
     # nothing there that would block the corrected rerun.
-    prepare_output(out, cfg, resume, overwrite)
+    prepare_output(out, cfg, resume, overwrite, write=False)  # every process checks, so that all stop alike,
+    dist.barrier()                                            # before the main process clears and writes
+    if dist.main:
+        prepare_output(out, cfg, resume, overwrite)
+    dist.barrier()
     lengths = [len(f["input_ids"]) for f in features]
     trainable, n_params = tuning.count(model)
     log(f"{cfg.task}: {len(splits.train)} train / {len(splits.dev)} dev / {len(splits.test)} test examples, "
         f"{len(labels)} labels; {len(features)} training sequences, {sum(lengths):,} tokens; "
         f"model {path} ({n_params / 1e6:.1f}M params) on {device}")
     log(f"tune.method={cfg.tune.method}: {tuning.describe(trainable, n_params)}")
+    log(distributed.describe_batch(tc.batch_size, tc.grad_accum, dist))
     if getattr(task, "truncated", 0):
         log(f"{task.truncated} of {len(features)} training texts are longer than {max_length} tokens and keep "
             "their beginning (raise model.max_length to keep more)")
@@ -117,33 +132,46 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
 
     state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "evals": [], "best": None, "best_step": None,
              "bad_evals": 0, "stopped_early": False, "train_seconds": 0.0, "tokens": 0, "padded_tokens": 0}
+    distributed.seed_ranks(tc.seed, dist)
     found = checkpoint.find(out) if resume else None
     if found:
-        state = checkpoint.load(found, model, optimizer, scheduler, device)
+        state = checkpoint.load(found, model, optimizer, scheduler, device, dist.rank)
         log(f"resuming from {found} at step {state['step']}/{total_steps}")
+    tracker = track.open(out, config_mod.to_dict(cfg), cfg.track, dist.main, state["step"] if found else None)
+    ddp = dist.wrap(model)  # the training forward/backward; evaluation and saving use `model`
 
     model.train()
     last_save = time.perf_counter()
     bar = progress.bar(total=total_steps, initial=state["step"], desc="train", unit="step")
     while state["step"] < total_steps and not state["stopped_early"]:
         batches = epoch_batches(lengths, tc.batch_size, tc.seed, state["epoch"], tc.group_by_length)
-        t0, step_loss, micro, step_tokens = time.perf_counter(), 0.0, 0, 0
+        t0, step_loss, micro, step_tokens, step_rows = time.perf_counter(), 0.0, 0, 0, 0
         step_start = t0
         for b in range(state["batch"], len(batches)):
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in batches[b]], task.pad).items()}
-            with autocast(device, tc.bf16):
-                loss = model(**batch).loss
-            (loss / tc.grad_accum).backward()
-            step_loss += loss.item()
-            real = int(batch["attention_mask"].sum())
-            step_tokens += real
+            # This rank's rows of the global batch (all of them on one process); a rank left without a row
+            # (a last batch smaller than the world) runs one row at weight 0.
+            mine = dist.shard(batches[b])
+            weight = distributed.loss_weight(features, batches[b], mine, dist)
+            rows = [features[i] for i in (mine or batches[b][:1])]
+            batch = {k: v.to(device) for k, v in collate(rows, task.pad).items()}
+            end_of_step = not ((b + 1) % tc.grad_accum and b + 1 < len(batches))
+            with dist.no_sync(ddp, sync=end_of_step):  # all-reduce in the step's last backward only
+                with autocast(device, tc.bf16):
+                    output = ddp(**batch)
+                # weight 0 (no labelled token on this rank): a zero gradient, not the NaN of an empty mean
+                loss = output.loss if weight else output.logits.float().sum() * 0.0
+                ((loss * weight if dist.world > 1 else loss) / tc.grad_accum).backward()
+            step_loss += loss.item() * weight / dist.world
             micro += 1
+            real = sum(lengths[i] for i in batches[b])
+            step_tokens += real
+            step_rows += len(batches[b])
             state["tokens"] += real
-            state["padded_tokens"] += batch["attention_mask"].numel()
-            if (b + 1) % tc.grad_accum and b + 1 < len(batches):
+            state["padded_tokens"] += sum(len(s) * max(lengths[i] for i in s) for s in dist.shards(batches[b]) if s)
+            if not end_of_step:
                 continue
 
-            # One optimizer step.
+            # One optimizer step (gradients were all-reduced over the ranks in the last backward).
             grad_norm = None
             if tc.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm))
@@ -154,25 +182,38 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
             state["step"] += 1
             state["batch"] = b + 1
             now = time.perf_counter()
-            state["history"].append({"step": state["step"], "loss": step_loss / micro, "lr": lr,
-                                     "grad_norm": grad_norm, "seconds": now - step_start, "tokens": step_tokens})
-            step_loss, micro, step_tokens, step_start = 0.0, 0, 0, now
+            if dist.world > 1:  # every rank's share of the global batch mean
+                (step_loss,) = dist.sum([step_loss])
+            seconds = now - step_start
+            record = {"step": state["step"], "loss": step_loss / micro, "lr": lr, "grad_norm": grad_norm,
+                      "seconds": seconds, "tokens": step_tokens, "samples": step_rows,
+                      "tokens_per_second": step_tokens / max(1e-9, seconds),
+                      "samples_per_second": step_rows / max(1e-9, seconds),
+                      "peak_memory_mb": track.peak_memory_mb(device)}
+            state["history"].append(record)
+            tracker.log(state["step"], {"train/loss": record["loss"], "train/lr": lr, "train/grad_norm": grad_norm,
+                                        "train/tokens_per_second": record["tokens_per_second"],
+                                        "train/samples_per_second": record["samples_per_second"],
+                                        "train/peak_memory_mb": record["peak_memory_mb"]})
+            step_loss, micro, step_tokens, step_rows, step_start = 0.0, 0, 0, 0, now
             bar.update(1)
-            bar.set_postfix(loss=f"{state['history'][-1]['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
 
             end_of_epoch = b + 1 == len(batches)
             finished = state["step"] >= total_steps
             evaluated = False
             if splits.dev and (state["step"] % eval_every == 0 or end_of_epoch or finished):
                 state["train_seconds"] += time.perf_counter() - t0
-                evaluate_dev(task, model, splits.dev, device, tc, state, out)
+                evaluate_dev(task, model, splits.dev, device, tc, state, out, dist, tracker)
                 t0 = time.perf_counter()
                 evaluated = True
             due = state["step"] % tc.save_every == 0 if tc.save_every else \
-                time.perf_counter() - last_save > tc.save_minutes * 60
+                dist.agree(time.perf_counter() - last_save > tc.save_minutes * 60)  # the clock is rank 0's
             if evaluated or due or finished:
                 state["train_seconds"] += time.perf_counter() - t0
-                checkpoint.save(out, model, optimizer, scheduler, state)
+                rng = distributed.rng_states(dist)
+                if dist.main:
+                    checkpoint.save(out, model, optimizer, scheduler, state, rng)
                 t0 = last_save = time.perf_counter()
             step_start = time.perf_counter()  # a step's seconds leave out evaluation and checkpointing
             if finished or state["stopped_early"]:
@@ -184,6 +225,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     bar.close()
 
     # Model selection on dev; the test split is evaluated once, on the selected weights.
+    dist.barrier()  # the main process's last writes are on disk before any rank reads them
     if splits.dev and checkpoint.load_best(out, model, device):
         log(f"restored the best dev weights (step {state['best_step']}, dev {state['best']:.4f})")
     report = {
@@ -194,21 +236,27 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         "train_tokens": state["tokens"],
         "padding_share": 1 - state["tokens"] / max(1, state["padded_tokens"]),
         "tokens_per_second": state["tokens"] / max(1e-9, state["train_seconds"]),
+        "processes": dist.world, "global_batch": tc.batch_size * tc.grad_accum,
+        "peak_memory_mb": track.peak_memory_mb(device),
         "tune": {"method": cfg.tune.method, "trainable_params": trainable, "total_params": n_params},
         "seed": tc.seed, "history": state["history"], "evals": state["evals"],
         "dev": next((e["metrics"] for e in state["evals"] if e["step"] == state["best_step"]), None),
         "test": None,
     }
     if splits.test:
-        report["test"] = evaluate(task, model, splits.test, device, tc.bf16, desc="test")
-    if cfg.task == "generate" and (splits.test or splits.dev):
+        report["test"] = evaluate(task, model, splits.test, device, tc.bf16, desc="test", dist=dist)
+        tracker.log(state["step"], track.metric_scalars("test", report["test"]))
+    tracker.close()
+    if cfg.task == "generate" and (splits.test or splits.dev) and dist.main:
         report["samples"] = sample_outputs(task, model, splits.test or splits.dev, device, tc.bf16)
-    save_model_folder(out, model, tokenizer, cfg, labels, max_length, generation)
-    from tunelab.report import write_report
+    if dist.main:
+        save_model_folder(out, model, tokenizer, cfg, labels, max_length, generation)
+        from tunelab.report import write_report
 
-    write_report(out, report)
-    shutil.rmtree(out / checkpoint.NAME, ignore_errors=True)
-    (out / checkpoint.BEST).unlink(missing_ok=True)
+        write_report(out, report)
+        shutil.rmtree(out / checkpoint.NAME, ignore_errors=True)
+        (out / checkpoint.BEST).unlink(missing_ok=True)
+    dist.barrier()  # no rank returns before the model folder is complete
     return report
 
 
@@ -236,14 +284,17 @@ def check_coverage(features, tokenizer, model_name, max_share) -> None:
         log(f"warning: {share:.1%} of the training tokens are {tokenizer.unk_token} for this tokenizer")
 
 
-def evaluate_dev(task, model, dev, device, tc, state, out) -> None:
-    metrics = evaluate(task, model, dev, device, tc.bf16, desc="dev")
+def evaluate_dev(task, model, dev, device, tc, state, out, dist, tracker) -> None:
+    """Every rank evaluates its share and gets the same metrics, so all agree on best step and stopping."""
+    metrics = evaluate(task, model, dev, device, tc.bf16, desc="dev", dist=dist)
     state["evals"].append({"step": state["step"], "epoch": state["epoch"], "dev": metrics["main"],
                            "metrics": metrics})
+    tracker.log(state["step"], track.metric_scalars("dev", metrics))
     improved = state["best"] is None or metrics["main"] > state["best"]
     if improved:
         state["best"], state["best_step"], state["bad_evals"] = metrics["main"], state["step"], 0
-        checkpoint.save_best(out, model)
+        if dist.main:
+            checkpoint.save_best(out, model)
     else:
         state["bad_evals"] += 1
         if tc.patience is not None and state["bad_evals"] >= tc.patience:
