@@ -274,3 +274,32 @@ def test_global_batch_must_divide_by_the_processes():
     distributed.check_batch(8, distributed.Dist(world=2))
     with pytest.raises(TunelabError, match="train.batch_size.*7 is the global batch.*2 processes"):
         distributed.check_batch(7, distributed.Dist(world=2))
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "pcgrad"])
+def test_multitask_recipe_on_two_processes(weighting, tmp_path, conll_dir, cls_dir, tiny_model_dir):
+    """The multi-task recipe too: tasks drawn alike on every process, heads of other tasks idle in a step
+    (mix one), learned loss weights used outside the model's forward (uncertainty), per-task gradients
+    surgered (PCGrad, mix all); per-task losses summed over the processes."""
+    from test_multitask import mt_overrides
+    from tunelab.multitask import train as train_multitask
+
+    settings = {"model.dropout": 0.0, "train.threads": 1, "train.epochs": 1, "train.batch_size": 6,
+                "multitask.weighting": weighting, "multitask.mix": "all" if weighting == "pcgrad" else "one"}
+    one = train_multitask(load_config(None, mt_overrides(conll_dir, cls_dir, tiny_model_dir, tmp_path / "one",
+                                                         **settings)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("task: multitask\n")
+    run(accelerate_launch("-m", "tunelab", "train", str(recipe),
+                          *mt_overrides(conll_dir, cls_dir, tiny_model_dir, tmp_path / "two", **settings)),
+        tmp_path / "two.log")
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["processes"] == 2 and two["steps"] == one["steps"]
+    for a, b in zip(one["history"], two["history"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL)
+        assert b["tasks"].keys() == a["tasks"].keys()
+        for n in a["tasks"]:
+            assert b["tasks"][n] == pytest.approx(a["tasks"][n], rel=LOSS_RTOL)
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < WEIGHT_ATOL
+    assert [e["step"] for e in two["evals"]] == [e["step"] for e in one["evals"]]

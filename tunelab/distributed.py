@@ -95,12 +95,30 @@ class Dist:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
 
-    def wrap(self, model):
+    def wrap(self, model, outside_forward: tuple = ()):
         """The model for the training forward/backward: DDP-wrapped by accelerate when distributed (gradients
-        all-reduced in backward), the model itself otherwise. Evaluation and saving use the plain model."""
+        all-reduced in backward), the model itself otherwise. Evaluation and saving use the plain model.
+
+        outside_forward: name prefixes of parameters the recipe uses outside the model's forward (multi-task
+        uncertainty weights, applied to the returned loss); DDP cannot hook those, so it leaves them alone
+        and `average_grads` averages their gradients after the backward pass."""
         if self.world == 1:
             return model
+        ignored = [n for n, _ in model.named_parameters() if outside_forward and n.startswith(outside_forward)]
+        if ignored:
+            from torch.nn.parallel import DistributedDataParallel
+
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         return self.accelerator.prepare_model(model, device_placement=False)
+
+    def average_grads(self, params) -> None:
+        """Average gradients over the ranks by hand: for the parameters `wrap` kept out of DDP."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.world
 
     def no_sync(self, wrapped, sync: bool):
         """Skip the gradient all-reduce on micro-batches that only accumulate (grad_accum)."""

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from tunelab import config as config_mod
+from tunelab import distributed
 from tunelab import peft as tuning
-from tunelab import progress
+from tunelab import progress, track
 from tunelab.data import check_labels, load_splits
 from tunelab.data.batching import collate
 from tunelab.errors import TunelabError
@@ -24,7 +26,7 @@ from tunelab.models import load_tokenizer, resolve_model_path
 from tunelab.multitask import model as mtm
 from tunelab.multitask.sampling import TaskStream, pick_task, task_probabilities
 from tunelab.multitask.weighting import UncertaintyWeights, pcgrad
-from tunelab.predict import autocast, evaluate, pick_device
+from tunelab.predict import autocast, evaluate
 from tunelab.tasks import make_task
 from tunelab.train import checkpoint
 from tunelab.train.optim import build_optimizer
@@ -43,7 +45,11 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    device = pick_device(tc.device)
+    # Distributed (tunelab.distributed): train.batch_size is the global batch; every rank draws the same
+    # tasks and batches and runs its slice. Heads of tasks not in a step take no part: DDP must allow that.
+    dist = distributed.start(tc.device, find_unused=True)
+    distributed.check_batch(tc.batch_size, dist)
+    device = dist.device
     names = list(cfg.tasks)
 
     # Data and labels per task.
@@ -90,7 +96,11 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
         features[name] = tasks[name].encode(splits[name].train, training=True)
         check_coverage(features[name], tokenizer, cfg.model.name, cfg.model.max_unk_share)
         lengths[name] = [len(f["input_ids"]) for f in features[name]]
-    prepare_output(out, cfg, resume, overwrite)
+    prepare_output(out, cfg, resume, overwrite, write=False)  # every process checks before the main one writes
+    dist.barrier()
+    if dist.main:
+        prepare_output(out, cfg, resume, overwrite)
+    dist.barrier()
 
     trainable, n_params = tuning.count(model)
     log(f"multitask on {path} ({n_params / 1e6:.1f}M params) on {device}; tune.method={cfg.tune.method}: "
@@ -118,13 +128,17 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
     log("sampling " + mc.sampling + ": " + ", ".join(f"{n} {p:.1%}" for n, p in start.items()) +
         (" at the start" if mc.sampling == "annealed" else "") + f"; {total_steps} steps of "
         f"{per_step} batch(es) of {tc.batch_size}; weighting {mc.weighting}")
+    log(distributed.describe_batch(tc.batch_size, tc.grad_accum, dist))
 
     state = {"step": 0, "draws": 0, "drawn": {n: 0 for n in names}, "history": [], "evals": [], "best": None,
              "best_step": None, "bad_evals": 0, "stopped_early": False, "train_seconds": 0.0, "tokens": 0}
+    distributed.seed_ranks(tc.seed, dist)
     found = checkpoint.find(out) if resume else None
     if found:
-        state = checkpoint.load(found, model, optimizer, scheduler, device)
+        state = checkpoint.load(found, model, optimizer, scheduler, device, dist.rank)
         log(f"resuming from {found} at step {state['step']}/{total_steps}")
+    tracker = track.open(out, config_mod.to_dict(cfg), cfg.track, dist.main, state["step"] if found else None)
+    ddp = dist.wrap(model, outside_forward=("uncertainty.",))  # training; evaluation and saving use `model`
 
     model.train()
     last_save = time.perf_counter()
@@ -137,16 +151,25 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
         else:
             picks = [[pick_task(names, probs, mc.sampling, tc.seed, state["draws"] + k)] for k in range(tc.grad_accum)]
             state["draws"] += tc.grad_accum
-        work = []
+        work, shares, tokens, rows = [], [], 0, 0
         for micro in picks:
             for name in micro:
-                idx = streams[name].batch(state["drawn"][name])
+                idx = streams[name].batch(state["drawn"][name])  # the global batch; this rank's slice of it
                 state["drawn"][name] += 1
-                batch = collate([features[name][i] for i in idx], tasks[name].pad)
+                mine = dist.shard(idx)
+                share = distributed.loss_weight(features[name], idx, mine, dist)
+                batch = collate([features[name][i] for i in (mine or idx[:1])], tasks[name].pad)
                 work.append((name, {k: v.to(device) for k, v in batch.items()}))
+                shares.append(share)
+                tokens += sum(lengths[name][i] for i in idx)
+                rows += len(idx)
         surgery = random.Random(tc.seed * 7919 + state["step"]) if mc.weighting == "pcgrad" else None
-        total, losses = backward(model, work, weigh, tc.grad_accum, device, tc.bf16, shared, surgery)
-        tokens = sum(int(b["attention_mask"].sum()) for _, b in work)
+        total, losses = backward(ddp, work, weigh, tc.grad_accum, device, tc.bf16, shared, surgery, shares)
+        if mc.weighting == "uncertainty":
+            dist.average_grads(model.uncertainty.parameters())
+        if dist.world > 1:  # each rank holds its share of the global means
+            summed = dist.sum([total / dist.world] + [losses[n] / dist.world for n in losses])
+            total, losses = summed[0], dict(zip(losses, summed[1:]))
 
         grad_norm = None
         if tc.max_grad_norm:
@@ -157,11 +180,20 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["tokens"] += tokens
-        record = {"step": state["step"], "loss": total, "tasks": losses,
-                  "lr": lr, "grad_norm": grad_norm, "seconds": time.perf_counter() - t0, "tokens": tokens}
+        seconds = time.perf_counter() - t0
+        record = {"step": state["step"], "loss": total, "tasks": losses, "lr": lr, "grad_norm": grad_norm,
+                  "seconds": seconds, "tokens": tokens, "samples": rows,
+                  "tokens_per_second": tokens / max(1e-9, seconds), "samples_per_second": rows / max(1e-9, seconds),
+                  "peak_memory_mb": track.peak_memory_mb(device)}
         if mc.weighting == "uncertainty":
             record["weights"] = model.uncertainty.weights()
         state["history"].append(record)
+        tracker.log(state["step"], {"train/loss": total, "train/lr": lr, "train/grad_norm": grad_norm,
+                                    "train/tokens_per_second": record["tokens_per_second"],
+                                    "train/samples_per_second": record["samples_per_second"],
+                                    "train/peak_memory_mb": record["peak_memory_mb"]}
+                    | {f"train/loss/{n}": v for n, v in losses.items()}
+                    | {f"train/weight/{n}": v for n, v in record.get("weights", {}).items()})
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", refresh=False)
 
@@ -169,15 +201,18 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
         evaluated = False
         state["train_seconds"] += time.perf_counter() - t0
         if state["step"] % eval_every == 0 or finished:
-            evaluate_dev(cfg, model, tasks, splits, device, state, out)
+            evaluate_dev(cfg, model, tasks, splits, device, state, out, dist, tracker)
             evaluated = True
         due = state["step"] % tc.save_every == 0 if tc.save_every else \
-            time.perf_counter() - last_save > tc.save_minutes * 60
+            dist.agree(time.perf_counter() - last_save > tc.save_minutes * 60)  # the clock is rank 0's
         if evaluated or due or finished:
-            checkpoint.save(out, model, optimizer, scheduler, state)
+            rng = distributed.rng_states(dist)
+            if dist.main:
+                checkpoint.save(out, model, optimizer, scheduler, state, rng)
             last_save = time.perf_counter()
     bar.close()
 
+    dist.barrier()  # the main process's last writes are on disk before any rank reads them
     if checkpoint.load_best(out, model, device):
         log(f"restored the best dev weights (step {state['best_step']}, dev {state['best']:.4f})")
     report = {
@@ -186,6 +221,8 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
         "select": mc.select, "sampling": mc.sampling, "weighting": mc.weighting, "mix": mc.mix,
         "train_seconds": round(state["train_seconds"], 2), "train_tokens": state["tokens"],
         "tokens_per_second": state["tokens"] / max(1e-9, state["train_seconds"]),
+        "processes": dist.world, "global_batch": tc.batch_size * tc.grad_accum,
+        "peak_memory_mb": track.peak_memory_mb(device),
         "tune": {"method": cfg.tune.method, "trainable_params": trainable, "total_params": n_params},
         "history": state["history"], "evals": state["evals"], "dev": state["best"], "tasks": {},
     }
@@ -199,18 +236,22 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
                  "dev": best["tasks"][n] if best else None, "test": None}
         head = model.use(n)
         if splits[n].test:
-            entry["test"] = evaluate(tasks[n], head, splits[n].test, device, tc.bf16, desc=f"test {n}")
-        if kind == "generate" and (splits[n].test or splits[n].dev):
+            entry["test"] = evaluate(tasks[n], head, splits[n].test, device, tc.bf16, desc=f"test {n}", dist=dist)
+            tracker.log(state["step"], track.metric_scalars(f"test/{n}", entry["test"]))
+        if kind == "generate" and (splits[n].test or splits[n].dev) and dist.main:
             entry["samples"] = sample_outputs(tasks[n], head, splits[n].test or splits[n].dev, device, tc.bf16)
         report["tasks"][n] = entry
     if mc.weighting == "uncertainty":
         report["final_weights"] = model.uncertainty.weights()
-    save_folder(out, model, tokenizer, cfg, labels, tasks)
-    from tunelab.report.multitask import write_report
+    tracker.close()
+    if dist.main:
+        save_folder(out, model, tokenizer, cfg, labels, tasks)
+        from tunelab.report.multitask import write_report
 
-    write_report(out, report)
-    shutil.rmtree(out / checkpoint.NAME, ignore_errors=True)
-    (out / checkpoint.BEST).unlink(missing_ok=True)
+        write_report(out, report)
+        shutil.rmtree(out / checkpoint.NAME, ignore_errors=True)
+        (out / checkpoint.BEST).unlink(missing_ok=True)
+    dist.barrier()  # no rank returns before the folder is complete
     return report
 
 
@@ -221,26 +262,34 @@ def step_budget(sizes, batch_size: int, epochs: float, per_step: int = 1) -> tup
     return per_epoch, max(1, math.ceil(epochs * per_epoch))
 
 
-def backward(model, work, weigh, accum: int, device, bf16, shared=(), surgery=None) -> tuple[float, dict]:
+def backward(model, work, weigh, accum: int, device, bf16, shared=(), surgery=None,
+             shares=None) -> tuple[float, dict]:
     """Forward and backward every (task name, batch) of one optimizer step, gradients left in .grad.
+
+    shares: per batch, the factor on this process's loss in a distributed run (tunelab.distributed.loss_weight;
+    None: 1, one process), so that the gradients DDP averages are those of the global batch. Each backward is all-reduced
+    (no no_sync): PCGrad needs every task's global gradient apart, and an average of sums is the sum of
+    averages anyway. The returned losses are this process's shares (summed over processes by the recipe).
 
     weigh(name, loss) -> the loss to differentiate. With `surgery` (a random.Random: PCGrad), each task's
     gradient on the `shared` parameters is kept apart, and their PCGrad combination is what is left in .grad;
     other parameters (heads, adapters, loss weights) belong to one task and just accumulate.
     Returns (the step's weighted loss, each task's mean unweighted loss)."""
     losses, total, apart = {}, 0.0, {}
-    for name, batch in work:
+    for (name, batch), share in zip(work, shares or [1.0] * len(work)):
         with autocast(device, bf16):
-            loss = model(name, **batch).loss
+            output = model(name, **batch)
+        # share 0 (no labelled token on this process): a zero gradient, not the NaN of an empty mean
+        loss = output.loss if share else output.logits.float().sum() * 0.0
         weighted = weigh(name, loss.float())
-        (weighted / accum).backward()
+        ((weighted * share if share != 1 else weighted) / accum).backward()
         if surgery is not None:
             g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in shared])
             apart[name] = apart[name] + g if name in apart else g
             for p in shared:
                 p.grad = None
-        losses.setdefault(name, []).append(loss.item())
-        total += weighted.item() / accum
+        losses.setdefault(name, []).append(loss.item() * share)
+        total += weighted.item() * share / accum
     if surgery is not None:
         flat = pcgrad(list(apart.values()), surgery)
         offset = 0
@@ -250,23 +299,28 @@ def backward(model, work, weigh, accum: int, device, bf16, shared=(), surgery=No
     return total, {n: sum(v) / len(v) for n, v in losses.items()}
 
 
-def evaluate_dev(cfg, model, tasks, splits, device, state, out) -> None:
-    """Every task on its own dev set; the aggregate (mean of task scores, or one task's) selects."""
+def evaluate_dev(cfg, model, tasks, splits, device, state, out, dist, tracker) -> None:
+    """Every task on its own dev set; the aggregate (mean of task scores, or one task's) selects. In a
+    distributed run every rank evaluates its share and gets the same metrics."""
     per_task, scores = {}, {}
     for name, task in tasks.items():
         if not splits[name].dev:
             continue
-        per_task[name] = evaluate(task, model.use(name), splits[name].dev, device, cfg.train.bf16, desc=f"dev {name}")
+        per_task[name] = evaluate(task, model.use(name), splits[name].dev, device, cfg.train.bf16,
+                                  desc=f"dev {name}", dist=dist)
         scores[name] = task_score(cfg.tasks[name].task, per_task[name])
+        tracker.log(state["step"], track.metric_scalars(f"dev/{name}", per_task[name]) | {f"dev/score/{name}": scores[name]})
     if not scores:
         return
     select = cfg.multitask.select
     value = sum(scores.values()) / len(scores) if select == "mean" else scores[select]
     state["evals"].append({"step": state["step"], "dev": value, "scores": scores, "tasks": per_task})
+    tracker.log(state["step"], {"dev/main": value})  # what selection maximises, as in single-task runs
     improved = state["best"] is None or value > state["best"]
     if improved:
         state["best"], state["best_step"], state["bad_evals"] = value, state["step"], 0
-        checkpoint.save_best(out, model)
+        if dist.main:
+            checkpoint.save_best(out, model)
     else:
         state["bad_evals"] += 1
         if cfg.train.patience is not None and state["bad_evals"] >= cfg.train.patience:
