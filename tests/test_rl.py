@@ -192,6 +192,12 @@ def test_lora_run_kl_zero_at_start_reference_is_base_and_folder_loads(gen_dir, t
         assert key in report["after"]
     assert len(report["samples"]) == 6
     assert (out / "curves.png").stat().st_size > 0 and "before" in (out / "report.md").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("rl/reward")] == pytest.approx([h["reward"] for h in hist])
+    assert [e.step for e in events.Scalars("held_out/kl")] == [0, 4]
 
     # Plain peft loads the adapter; with it switched off the outputs are the base model's, bit for bit.
     base = AutoModelForCausalLM.from_pretrained(str(tiny_causal_dir)).eval()
@@ -292,3 +298,44 @@ def test_resume_after_kill_gives_the_same_run(gen_dir, tiny_causal_dir, tmp_path
     assert resumed["after"] == whole["after"]
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rl_prompt_sets_keep_their_splits_apart():
+    from tunelab.data.packaged import RT_PROMPT_WORDS, load_builtin
+
+    chat = load_builtin("chitchat")
+    convs = [{e.source for e in part} for part in (chat.train, chat.dev, chat.test)]
+    assert not (convs[0] & convs[1] or convs[0] & convs[2] or convs[1] & convs[2])
+    assert len(chat.train) > 80_000 and all(e.prompt.startswith("Message: ") and e.target for e in chat.dev)
+    rt, base = load_builtin("rt_prompts"), load_builtin("rt_sentiment")
+    assert all(len(e.prompt.split()) == RT_PROMPT_WORDS for e in rt.dev)
+    held = {x.text for x in base.dev}
+    assert all(f"{e.prompt} {e.target}" in held for e in rt.dev)  # dev prompts come from dev movies only
+
+
+@pytest.mark.parametrize("which", ["causal", "t5"])
+def test_token_logprobs_match_what_generate_sampled_from(which, tiny_causal_dir, tiny_t5_dir):
+    """The log-probs the loss uses are those of the distribution generate sampled from, token by token, for
+    prompts of different lengths (left padding and position ids for decoders)."""
+    from tunelab.models import load_model, load_tokenizer
+    from tunelab.rl.rollout import encode_prompts, token_logprobs, Rollout, completion_mask
+    from tunelab.tasks import make_task
+
+    folder = tiny_causal_dir if which == "causal" else tiny_t5_dir
+    tok = load_tokenizer(folder)
+    model = load_model(folder, "generate", []).eval()
+    task = make_task("generate", tok, [], 64, encoder_decoder=which == "t5", max_target_length=8)
+    ids, mask = encode_prompts(task, ["copy: red", "copy: blue sun moon tree river", "a"], "cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=6,
+                             num_return_sequences=2, pad_token_id=task.pad, eos_token_id=task.eos,
+                             output_logits=True, return_dict_in_generate=True)
+    seq = out.sequences
+    start, tokens = (seq[:, :1], seq[:, 1:]) if which == "t5" else (None, seq[:, ids.shape[1]:])
+    roll = Rollout(ids, mask, tokens, completion_mask(tokens, task.eos), 2, [""] * len(tokens), start)
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, roll)
+    want = torch.stack([torch.log_softmax(s.float(), -1) for s in out.logits], 1).gather(-1, tokens.unsqueeze(-1))[..., 0]
+    m = roll.mask.bool()
+    assert torch.allclose(logp[m], want[m], atol=1e-4)

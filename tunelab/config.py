@@ -117,8 +117,42 @@ class TrackConfig:
 
 
 @dataclass
+class RLConfig:
+    """Policy-gradient fine-tuning of a generator (task: rl). The `train` section configures the optional
+    supervised warm start (`sft`) and what both phases share (seed, bf16, device, threads, max_grad_norm)."""
+    sft: bool = False  # first fine-tune on the references (train.* settings), then start RL from that model
+    estimator: str = "rloo"  # reinforce | rloo | self_critical | ppo
+    steps: int = 100  # rollouts (each followed by ppo_epochs updates for ppo, one update otherwise)
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4  # k completions per prompt, from one generate call
+    micro_batch: int = 16  # completions per forward/backward (gradients accumulate over a rollout)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 24
+    baseline_decay: float = 0.9  # reinforce: moving-average baseline of the mean reward
+    ppo_epochs: int = 4  # ppo: passes over each rollout
+    clip: float = 0.2  # ppo: ratio clipped to [1 - clip, 1 + clip]
+    kl_coef: float = 0.05  # reward -= kl_coef * sum_t (log pi - log ref)
+    kl_target: float | None = None  # adaptive coefficient (Ziegler et al.) towards this KL per completion
+    kl_horizon: int = 10000
+    entropy_coef: float = 0.0  # loss -= entropy_coef * mean token entropy
+    whiten: bool = False  # rewards (after the KL penalty) to zero mean, unit std per rollout
+    # reward name -> weight: bleu, rouge_l, classifier, length, repetition, or a function "module:function"
+    rewards: dict[str, float] = field(default_factory=dict)
+    classifier: str | None = None  # rewards.classifier: a tunelab classification folder
+    classifier_label: str | None = None  # ... and the label whose probability is the reward
+    classifier_input: str = "completion"  # completion | full (prompt + completion)
+    target_words: int = 10  # rewards.length: the length without penalty
+    eval_every: int = 0  # rollouts between held-out evaluations; 0 = before and after only
+    eval_prompts: int = 64  # held-out prompts (dev split) per evaluation
+    save_every: int = 10  # rollouts between resumable checkpoints
+
+
+@dataclass
 class RunConfig:
-    task: str = "ner"  # ner | classify | generate | multitask
+    task: str = "ner"  # ner | classify | generate | multitask | rl
     output_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -126,17 +160,19 @@ class RunConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)  # task: multitask
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
+    rl: RLConfig = field(default_factory=RLConfig)  # task: rl
     track: TrackConfig = field(default_factory=TrackConfig)
 
 
 TASKS = ("ner", "classify", "generate")
 METHODS = ("full", "lora", "ia3", "prompt", "prefix", "bitfit", "head")
 MULTITASK_METHODS = ("full", "lora", "bitfit", "head")  # lora: one adapter per task on the shared backbone
-CHOICES = {"task": TASKS + ("multitask",), "tune.method": METHODS, "train.scheduler": ("linear", "cosine", "constant"),
+CHOICES = {"task": TASKS + ("multitask", "rl"), "tune.method": METHODS, "train.scheduler": ("linear", "cosine", "constant"),
            "data.format": (None, "conll", "jsonl", "csv"),
            "data.tag_scheme": ("iob2", "iob1", "bioes", "bilou", "bmes"),
            "multitask.sampling": ("proportional", "temperature", "round_robin", "annealed"),
-           "multitask.mix": ("one", "all"), "multitask.weighting": ("fixed", "uncertainty", "pcgrad")}
+           "multitask.mix": ("one", "all"), "multitask.weighting": ("fixed", "uncertainty", "pcgrad"),
+           "rl.estimator": ("reinforce", "rloo", "self_critical", "ppo"), "rl.classifier_input": ("completion", "full")}
 
 
 def _coerce(value, tp, key: str):
@@ -188,10 +224,14 @@ def _fill(obj, values: dict, prefix: str, source: str):
         if k not in names:
             raise TunelabError(f"{source}: unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
         current = getattr(obj, k)
-        if typing.get_origin(hints[k]) is dict:  # named sub-sections (tasks: {NAME: {...}})
+        if typing.get_origin(hints[k]) is dict:  # named sub-sections (tasks: {NAME: {...}}) or values
             if not isinstance(v, dict):  # (empty in a saved single-task config.yaml)
                 raise TunelabError(f"{source}: {key} must be a mapping of names to sections, got {v!r}")
             item = typing.get_args(hints[k])[1]
+            if not dataclasses.is_dataclass(item):  # name -> value (rl.rewards: {rouge_l: 1.0})
+                for name, sub in v.items():
+                    current[str(name)] = _coerce(sub, item, f"{key}.{name}")
+                continue
             for name, sub in v.items():
                 if not isinstance(name, str) or not name.isidentifier():
                     raise TunelabError(f"{source}: {key}: name {name!r} must be a plain identifier (letters, "
@@ -229,6 +269,8 @@ def _validate(cfg: RunConfig):
                            f"tune.method={cfg.tune.method} (its saved model is already complete or cannot merge)")
     if cfg.task == "multitask":
         _validate_multitask(cfg)
+    elif cfg.task == "rl":
+        _validate_rl(cfg)
     elif cfg.tasks:
         raise TunelabError("config key 'tasks' is for task: multitask; set task=multitask or remove 'tasks'")
     elif cfg.data.dataset is None and cfg.data.train is None:
@@ -268,6 +310,42 @@ def _validate_multitask(cfg: RunConfig):
     if m.train_backbone and cfg.tune.method != "lora":
         raise TunelabError("config key 'multitask.train_backbone' applies to tune.method=lora (per-task "
                            "adapters); with full tuning the backbone always trains")
+
+
+RL_METHODS = ("full", "lora")  # lora: the reference is the same weights with the adapter off
+
+
+def _validate_rl(cfg: RunConfig):
+    r = cfg.rl
+    if cfg.data.dataset is None and cfg.data.train is None:
+        raise TunelabError("config: set data.dataset (a built-in set of prompts) or data.train (a file with a "
+                           f"{cfg.data.prompt_field!r} field per line)")
+    if not r.rewards:
+        raise TunelabError("config key 'rl.rewards': name at least one reward with its weight, e.g. "
+                           "rl.rewards.rouge_l=1 (bleu, rouge_l, classifier, length, repetition, module:function)")
+    if cfg.tune.method not in RL_METHODS:
+        raise TunelabError(f"config key 'tune.method': RL trains {' or '.join(RL_METHODS)}, not {cfg.tune.method}")
+    if "classifier" in r.rewards and not (r.classifier and r.classifier_label):
+        raise TunelabError("config keys 'rl.classifier' and 'rl.classifier_label': the classifier reward needs a "
+                           "tunelab classification folder and the label whose probability it rewards")
+    checks = [("rl.steps", r.steps > 0), ("rl.lr", r.lr > 0), ("rl.prompts_per_step", r.prompts_per_step > 0),
+              ("rl.samples_per_prompt", r.samples_per_prompt > 0), ("rl.micro_batch", r.micro_batch > 0),
+              ("rl.temperature", r.temperature > 0), ("rl.top_p", 0 < r.top_p <= 1),
+              ("rl.max_new_tokens", r.max_new_tokens > 0), ("rl.baseline_decay", 0 <= r.baseline_decay < 1),
+              ("rl.ppo_epochs", r.ppo_epochs > 0), ("rl.clip", 0 < r.clip < 1), ("rl.kl_coef", r.kl_coef >= 0),
+              ("rl.kl_target", r.kl_target is None or r.kl_target > 0), ("rl.kl_horizon", r.kl_horizon > 0),
+              ("rl.entropy_coef", r.entropy_coef >= 0), ("rl.target_words", r.target_words > 0),
+              ("rl.eval_every", r.eval_every >= 0), ("rl.eval_prompts", r.eval_prompts > 0),
+              ("rl.save_every", r.save_every > 0), ("rl.warmup_steps", r.warmup_steps >= 0)]
+    for key, ok in checks:
+        if not ok:
+            raise TunelabError(f"config key {key!r}: {getattr(r, key.split('.')[1])!r} is out of range")
+    if r.estimator in ("rloo",) and r.samples_per_prompt < 2:
+        raise TunelabError("config key 'rl.samples_per_prompt': rloo's leave-one-out baseline needs at least 2 "
+                           "samples per prompt")
+    if r.kl_target is not None and r.kl_coef == 0:
+        raise TunelabError("config key 'rl.kl_target': an adaptive KL coefficient must start above 0 "
+                           "(set rl.kl_coef)")
 
 
 def parse_override(arg: str) -> tuple[list[str], object]:

@@ -26,6 +26,7 @@ import torch
 from tunelab import peft as tuning
 from tunelab import progress, track
 from tunelab.data import load_splits
+from tunelab.distributed import world_size
 from tunelab.errors import TunelabError
 from tunelab.models import load_model, load_tokenizer, resolve_model_path
 from tunelab.predict import pick_device
@@ -44,6 +45,9 @@ SHOWN = 8  # held-out prompts whose outputs before and after go in the report
 def train(cfg, splits=None, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one RL fine-tuning job (task: rl); returns the report (also written to cfg.output_dir)."""
     out, rl, tc = Path(cfg.output_dir), cfg.rl, cfg.train
+    if world_size() > 1:
+        raise TunelabError(f"task: rl runs in one process (WORLD_SIZE is {world_size()}); start it with `tunelab "
+                           "train` rather than accelerate launch / torchrun, on one GPU or the CPU")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = pick_device(tc.device)
@@ -147,7 +151,8 @@ def train(cfg, splits=None, resume: bool = False, overwrite: bool = False) -> di
                  "loss": stats["loss"], "entropy": stats["entropy"], "clip_fraction": stats["clip_fraction"],
                  "lr": lr, "grad_norm": grad_norm, "length": roll.n_tokens / len(roll.texts),
                  "baseline": state["baseline"], "seconds": seconds, "rollout_seconds": rollout_seconds,
-                 "rollout_tokens_per_second": roll.n_tokens / max(1e-9, rollout_seconds)}
+                 "rollout_tokens_per_second": roll.n_tokens / max(1e-9, rollout_seconds),
+                 "samples_per_second": len(roll.texts) / seconds, "peak_memory_mb": track.peak_memory_mb(device)}
         if greedy_r is not None:
             entry["greedy_reward"] = float(greedy_r.mean())
         state["history"].append(entry)
