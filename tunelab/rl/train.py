@@ -59,7 +59,7 @@ def train(cfg, splits=None, resume: bool = False, overwrite: bool = False) -> di
     prepare_output(out, cfg, resume, overwrite)
     torch.manual_seed(tc.seed)
 
-    start = warm_start(cfg, out, resume) if rl.sft else cfg.model.name
+    start = warm_start(cfg, splits, out, resume) if rl.sft else cfg.model.name
     path = resolve_model_path(start)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     model = load_model(path, "generate", [], cfg.model.dropout, cfg.model.trust_remote_code)
@@ -314,10 +314,13 @@ def _ids(roll) -> list[list[int]]:
     return [t[m.bool()].tolist() for t, m in zip(roll.tokens, roll.mask)]
 
 
-def warm_start(cfg, out: Path, resume: bool) -> str:
+def warm_start(cfg, splits, out: Path, resume: bool) -> str:
     """Supervised fine-tuning on the prompts' references (the train section's settings) into OUT/sft; RL
     starts from its weights (with LoRA: the adapter merged into the base, so that the RL reference is the
-    SFT model and a fresh adapter learns the RL change). A finished warm start is reused on resume."""
+    SFT model and a fresh adapter learns the RL change). Selection on the dev prompts' references; the test
+    split is left for the user (the RL run's own held-out evaluation is what this recipe reports). A
+    finished warm start is reused on resume."""
+    from tunelab.data import Splits
     from tunelab.train.supervised import train as supervised
 
     sft_dir = out / "sft"
@@ -330,6 +333,9 @@ def warm_start(cfg, out: Path, resume: bool) -> str:
                                   tune=dataclasses.replace(cfg.tune, merge=lora),
                                   rl=type(cfg.rl)())
     log(f"warm start: supervised fine-tuning into {sft_dir}")
-    supervised(sft_cfg, resume=resume, overwrite=not resume)
+    if any(e.target is None for e in splits.train + splits.dev):
+        raise TunelabError("rl.sft: the supervised warm start learns the references, but some train/dev prompts "
+                           "have no target; give every prompt its reference or set rl.sft=false")
+    supervised(sft_cfg, Splits(splits.train, splits.dev, [], splits.about), resume=resume, overwrite=not resume)
     return str(folder)
 
