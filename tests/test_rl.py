@@ -339,3 +339,17 @@ def test_token_logprobs_match_what_generate_sampled_from(which, tiny_causal_dir,
     want = torch.stack([torch.log_softmax(s.float(), -1) for s in out.logits], 1).gather(-1, tokens.unsqueeze(-1))[..., 0]
     m = roll.mask.bool()
     assert torch.allclose(logp[m], want[m], atol=1e-4)
+
+
+def test_bert2bert_policy_from_an_encoder(gen_dir, tiny_model_dir, tmp_path):
+    """bert2bert warm-started from a BERT encoder folder (the packaged MiniLM in the docs; the tiny BERT here)
+    is a policy like any encoder-decoder: KL 0 at the start, trained, saved, loadable for prediction."""
+    from tunelab.data.examples import GenExample
+    from tunelab.models import build_bert2bert
+    from tunelab.predict import Predictor
+
+    folder = build_bert2bert(tiny_model_dir, tmp_path / "b2b")
+    report = run(rl_overrides(gen_dir, folder, tmp_path / "rl", **{"tune.method": "full", "rl.lr": 1e-2,
+                                                                     "rl.steps": 2}))
+    assert report["history"][0]["kl"] == 0.0 and report["after"]["kl"] != 0.0
+    assert isinstance(Predictor(tmp_path / "rl", device="cpu").predict([GenExample("copy: red")])[0], str)

@@ -106,3 +106,29 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
     except OSError as e:
         raise TunelabError(f"{path}: could not load safetensors weights ({e}); tunelab loads only "
                            "model.safetensors, never pickle files") from None
+
+
+def build_bert2bert(encoder, out) -> Path:
+    """An encoder-decoder ("bert2bert", Rothe et al., 2020) warm-started from one BERT-style encoder (a
+    packaged name or a folder) as both encoder and decoder; the decoder's cross-attention is new and learns in
+    fine-tuning. Saved with the encoder's tokenizer to `out` (safetensors), ready for task: generate or rl
+    (model.name=OUT). [CLS] starts a decoded text and [SEP] ends it."""
+    from transformers import EncoderDecoderModel
+
+    path = resolve_model_path(str(encoder))
+    tok = load_tokenizer(path)
+    if tok.cls_token_id is None or tok.sep_token_id is None:
+        raise TunelabError(f"{encoder}: bert2bert needs a tokenizer with [CLS] and [SEP] tokens (a BERT-style "
+                           "encoder)")
+    quiet_transformers()
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(str(path), str(path))
+    model.config.decoder_start_token_id = tok.cls_token_id
+    model.config.eos_token_id = tok.sep_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.decoder_start_token_id = tok.cls_token_id
+    model.generation_config.eos_token_id = tok.sep_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out = Path(out)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
