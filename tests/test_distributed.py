@@ -303,3 +303,13 @@ def test_multitask_recipe_on_two_processes(weighting, tmp_path, conll_dir, cls_d
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < WEIGHT_ATOL
     assert [e["step"] for e in two["evals"]] == [e["step"] for e in one["evals"]]
+
+
+def test_files_the_main_process_wrote_must_be_seen_by_every_process(monkeypatch):
+    d = distributed.Dist(world=2)
+    monkeypatch.setattr(d, "sum", lambda values: [1.0])  # one process of two found the checkpoint
+    with pytest.raises(TunelabError, match="filesystem they all share"):
+        d.require_shared(True, "runs/x")
+    for seen in (0.0, 2.0):  # none (a fresh run) or all
+        monkeypatch.setattr(d, "sum", lambda values, seen=seen: [seen])
+        d.require_shared(seen > 0, "runs/x")

@@ -91,6 +91,14 @@ class Dist:
 
         return bool(broadcast_object_list([flag])[0])
 
+    def require_shared(self, found: bool, path) -> None:
+        """What the main process wrote (checkpoint, best weights) must be what every process reads: on
+        several machines output_dir has to be on a filesystem they share. Fail loudly rather than go on with
+        different weights on different ranks."""
+        if self.world > 1 and self.sum([float(found)])[0] not in (0.0, float(self.world)):
+            raise TunelabError(f"{path}: some processes find the run's checkpoint files and some do not; on "
+                               "several machines output_dir must be on a filesystem they all share")
+
     def barrier(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()

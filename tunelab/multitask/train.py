@@ -134,6 +134,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
              "best_step": None, "bad_evals": 0, "stopped_early": False, "train_seconds": 0.0, "tokens": 0}
     distributed.seed_ranks(tc.seed, dist)
     found = checkpoint.find(out) if resume else None
+    dist.require_shared(found is not None, out)
     if found:
         state = checkpoint.load(found, model, optimizer, scheduler, device, dist.rank)
         log(f"resuming from {found} at step {state['step']}/{total_steps}")
@@ -213,7 +214,9 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
     bar.close()
 
     dist.barrier()  # the main process's last writes are on disk before any rank reads them
-    if checkpoint.load_best(out, model, device):
+    restored = checkpoint.load_best(out, model, device)
+    dist.require_shared(restored, out)
+    if restored:
         log(f"restored the best dev weights (step {state['best_step']}, dev {state['best']:.4f})")
     report = {
         "task": "multitask", "model": str(cfg.model.name), "seed": tc.seed, "steps": state["step"],

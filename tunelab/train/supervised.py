@@ -134,6 +134,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
              "bad_evals": 0, "stopped_early": False, "train_seconds": 0.0, "tokens": 0, "padded_tokens": 0}
     distributed.seed_ranks(tc.seed, dist)
     found = checkpoint.find(out) if resume else None
+    dist.require_shared(found is not None, out)
     if found:
         state = checkpoint.load(found, model, optimizer, scheduler, device, dist.rank)
         log(f"resuming from {found} at step {state['step']}/{total_steps}")
@@ -226,7 +227,9 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
 
     # Model selection on dev; the test split is evaluated once, on the selected weights.
     dist.barrier()  # the main process's last writes are on disk before any rank reads them
-    if splits.dev and checkpoint.load_best(out, model, device):
+    restored = bool(splits.dev) and checkpoint.load_best(out, model, device)
+    dist.require_shared(restored, out)
+    if restored:
         log(f"restored the best dev weights (step {state['best_step']}, dev {state['best']:.4f})")
     report = {
         "task": cfg.task, "model": str(cfg.model.name), "labels": labels, "data": splits.about,
