@@ -4,7 +4,6 @@ model, rewards against their libraries, resume after a kill, encoder-decoder pol
 
 import json
 import math
-import textwrap
 
 import pytest
 import torch

@@ -29,7 +29,7 @@ from tunelab.multitask.weighting import UncertaintyWeights, pcgrad
 from tunelab.predict import autocast, evaluate
 from tunelab.tasks import make_task
 from tunelab.train import checkpoint
-from tunelab.train.optim import build_optimizer
+from tunelab.train.optim import build_optimizer, step as optimizer_step
 from tunelab.train.supervised import check_coverage, log, prepare_output, publish, sample_outputs
 
 
@@ -172,13 +172,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
             summed = dist.sum([total / dist.world] + [losses[n] / dist.world for n in losses])
             total, losses = summed[0], dict(zip(losses, summed[1:]))
 
-        grad_norm = None
-        if tc.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, tc.max_grad_norm)
         state["step"] += 1
         state["tokens"] += tokens
         seconds = time.perf_counter() - t0

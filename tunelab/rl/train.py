@@ -35,7 +35,7 @@ from tunelab.rl import rewards as rw
 from tunelab.rl.rollout import sample, token_logprobs
 from tunelab.tasks import make_task
 from tunelab.train import checkpoint
-from tunelab.train.optim import build_optimizer
+from tunelab.train.optim import build_optimizer, step as optimizer_step
 from tunelab.train.supervised import log, prepare_output, save_model_folder
 
 EVAL_SEED = 1234  # held-out sampling draws from its own seeded stream: before/after compare the same draw
@@ -126,13 +126,7 @@ def train(cfg, splits=None, resume: bool = False, overwrite: bool = False) -> di
         for _ in range(updates):
             stats = policy.backward(roll, adv, old_logp if rl.estimator == "ppo" else None, rl.clip,
                                     rl.max_new_tokens, rl.entropy_coef)
-            grad_norm = None
-            if tc.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, tc.max_grad_norm)
 
         mean_kl = float(kl.mean())
         if rl.kl_target is not None:

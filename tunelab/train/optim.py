@@ -48,3 +48,17 @@ def build_optimizer(model, lr, weight_decay, head_lr, scheduler, warmup_steps, t
     opt = torch.optim.AdamW(param_groups(model, lr, weight_decay, head_lr, heads), lr=lr, fused=device in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(scheduler, warmup_steps, total_steps))
     return opt, sched
+
+
+def step(model, optimizer, scheduler, max_grad_norm: float | None) -> tuple[float | None, float]:
+    """One optimizer step on the accumulated gradients: clip (when max_grad_norm is set), step, advance the
+    schedule, clear the gradients. Returns the gradient norm before clipping (None unclipped) and the
+    learning rate the step used."""
+    grad_norm = None
+    if max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr

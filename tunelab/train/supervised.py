@@ -28,7 +28,7 @@ from tunelab.models import load_model, load_tokenizer, resolve_model_path
 from tunelab.predict import META_FILE, autocast, evaluate, predict
 from tunelab.tasks import make_task
 from tunelab.train import checkpoint
-from tunelab.train.optim import build_optimizer
+from tunelab.train.optim import build_optimizer, step as optimizer_step
 
 
 SAMPLES = 8  # generation: test outputs shown in the report beside their references
@@ -173,13 +173,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
                 continue
 
             # One optimizer step (gradients were all-reduced over the ranks in the last backward).
-            grad_norm = None
-            if tc.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, tc.max_grad_norm)
             state["step"] += 1
             state["batch"] = b + 1
             now = time.perf_counter()
