@@ -198,6 +198,16 @@ def test_lora_run_kl_zero_at_start_reference_is_base_and_folder_loads(gen_dir, t
     assert [e.value for e in events.Scalars("rl/reward")] == pytest.approx([h["reward"] for h in hist])
     assert [e.step for e in events.Scalars("held_out/kl")] == [0, 4]
 
+    # tunelab runs / compare read RL runs: held-out reward as the run's score, rl/ and held_out/ curves.
+    from tunelab.runs import compare, list_runs
+
+    (row,) = list_runs(tmp_path)
+    assert row["task"] == "rl" and row["dev"] == report["after"]["reward"] and row["lr"] == 5e-2
+    (cmp,) = compare([out], png=tmp_path / "cmp.png")
+    assert cmp["rl/reward last"] == hist[-1]["reward"] and cmp["held_out/reward best"] == max(
+        report["before"]["reward"], report["after"]["reward"])
+    assert (tmp_path / "cmp.png").stat().st_size > 0
+
     # Plain peft loads the adapter; with it switched off the outputs are the base model's, bit for bit.
     base = AutoModelForCausalLM.from_pretrained(str(tiny_causal_dir)).eval()
     fresh = AutoModelForCausalLM.from_pretrained(str(tiny_causal_dir)).eval()

@@ -78,6 +78,13 @@ def curves(run: dict) -> dict[str, list[tuple[int, float]]]:
         add(h["step"], {f"train/{k}": h.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_second",
                                                            "samples_per_second", "peak_memory_mb")})
         add(h["step"], {f"train/loss/{n}": v for n, v in (h.get("tasks") or {}).items()})
+    if run["config"].get("task") == "rl":  # RL: per-rollout scalars and held-out evaluations (rl/, held_out/)
+        for h in run["state"].get("history", []):
+            add(h["step"], {f"rl/{k}": v for k, v in h.items() if k != "step"})
+            add(h["step"], {f"rl/reward_{n}": v for n, v in (h.get("parts") or {}).items()})
+        for e in run["state"].get("evals", []):
+            add(e["step"], {f"held_out/{k}": v for k, v in e.items() if k != "step"})
+        return out
     for e in run["state"].get("evals", []):
         add(e["step"], {"dev/main": e.get("dev")})
         if "metrics" in e:  # single task
@@ -112,10 +119,15 @@ def summary(run: dict) -> dict:
         test = {n: e["test"]["main"] for n, e in report["tasks"].items() if isinstance(e, dict) and e.get("test")}
     elif isinstance(test, dict):
         test = test.get("main")
+    lr, epochs = _get(cfg, "train.lr"), _get(cfg, "train.epochs")
+    if cfg.get("task") == "rl":  # "dev": the held-out mean reward after (or at the last evaluation)
+        evals = state.get("evals") or [{}]
+        dev_main, test = (report["after"] if report else evals[-1]).get("reward"), None
+        lr, epochs = _get(cfg, "rl.lr"), None
     steps, total = state.get("step", state.get("steps")), report.get("total_steps") if report else None
     return {"run": str(run["path"]), "status": "finished" if report else f"unfinished (step {steps})",
             "task": cfg.get("task"), "model": _get(cfg, "model.name"), "method": _get(cfg, "tune.method"),
-            "lr": _get(cfg, "train.lr"), "epochs": _get(cfg, "train.epochs"), "seed": _get(cfg, "train.seed"),
+            "lr": lr, "epochs": epochs, "seed": _get(cfg, "train.seed"),
             "steps": f"{steps}/{total}" if total else steps, "best_step": state.get("best_step"),
             "dev": dev_main, "test": test}
 
@@ -143,10 +155,12 @@ def list_runs(root) -> list[dict]:
 
 def compare(folders, metrics=None, png=None) -> list[dict]:
     """Rows of key config and, per metric, its best and last value; with `png` also the curves overlaid
-    (a panel per metric, a line per run). Default metrics: train/loss and dev/main."""
+    (a panel per metric, a line per run). Default metrics: train/loss and dev/main (RL runs: rl/reward and
+    held_out/reward)."""
     runs = [load_run(f) for f in folders]
     data = [curves(r) for r in runs]
-    metrics = list(metrics or ["train/loss", "dev/main"])
+    rl = all(r["config"].get("task") == "rl" for r in runs)
+    metrics = list(metrics or (["rl/reward", "held_out/reward"] if rl else ["train/loss", "dev/main"]))
     for r, c in zip(runs, data):
         missing = [m for m in metrics if m not in c]
         if missing:
