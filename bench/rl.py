@@ -74,8 +74,8 @@ def prepare(args, work: Path) -> dict:
             print(f"supervised warm start into {sft}", file=sys.stderr, flush=True)
             # The RL recipe's own train/tune/data settings, as a plain generation run with the adapter merged.
             t = tunelab(["train", str(RECIPES["headline"]), "task=generate", "rl.sft=false",
-                         f"output_dir={sft}", "tune.merge=true", f"train.threads={args.threads * args.parallel}",
-                         "--overwrite"], work / "headline_sft.log")
+                         f"output_dir={sft}", "tune.merge=true", f"train.threads={args.threads}",
+                         *args.sft_overrides, "--overwrite"], work / "headline_sft.log")
             (work / "headline_sft.json").write_text(json.dumps(t))
         extra["headline"] = [f"model.name={(sft / 'merged').resolve()}", "rl.sft=false"]
     return extra
@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rl.json"))
     p.add_argument("--rollout-speed", action="store_true", help="only the rollout throughput comparison")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sft-overrides", nargs="*", default=[], help="key=value for the headline warm start")
     p.add_argument("overrides", nargs="*", help="key=value for every RL run")
     args = p.parse_args(argv)
     out = Path(args.out)
