@@ -122,6 +122,10 @@ class Combined:
             total = [t + weight * s for t, s in zip(total, scores)]
         return total
 
+    def part_means(self) -> dict[str, float]:
+        """Each part's mean score over the last call's completions (for logs and reports)."""
+        return {n: sum(v) / len(v) for n, v in self.last_parts.items()}
+
 
 def _checked(scores, n: int, name: str) -> list[float]:
     try:

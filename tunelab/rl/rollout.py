@@ -40,13 +40,7 @@ class Rollout:
 def encode_prompts(task, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt ids (the generation task's own encoding: truncation, prompt suffix) padded for generate."""
     feats = task.encode([GenExample(p) for p in prompts], training=False)
-    rows = [f["input_ids"] for f in feats]
-    longest = max(map(len, rows))
-    ids = torch.full((len(rows), longest), task.pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        sl = slice(0, len(row)) if task.encoder_decoder else slice(longest - len(row), longest)
-        ids[r, sl], mask[r, sl] = torch.tensor(row), 1
+    ids, mask = task.pad_prompts([f["input_ids"] for f in feats])
     return ids.to(device), mask.to(device)
 
 

@@ -110,7 +110,7 @@ def train(cfg, splits=None, resume: bool = False, overwrite: bool = False) -> di
         old_logp, ref_logp = policy.score(roll)
         rows_p, rows_r = [p for p in prompts for _ in range(k)], [r for r in refs for _ in range(k)]
         task_r = torch.tensor(reward(rows_p, roll.texts, rows_r, completion_ids=_ids(roll)), device=device)
-        parts = {n: sum(v) / len(v) for n, v in reward.last_parts.items()}
+        parts = reward.part_means()
         kl = est.sequence_kl(old_logp, ref_logp, roll.mask)
         shaped = est.shaped_rewards(task_r, kl, state["kl_coef"])
 
@@ -211,11 +211,14 @@ class Policy:
         return self.model, self.model.disable_adapter()
 
     @torch.no_grad()
-    def score(self, roll, temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs of the rollout under the policy and the reference (no gradients)."""
+    def score(self, roll, temperature: float | None = None, policy: bool = True):
+        """Per-token log-probs of the rollout under the policy (None with policy=False) and the reference,
+        without gradients."""
         t = self.temperature if temperature is None else temperature
         n = roll.tokens.shape[0]
-        logp = torch.cat([token_logprobs(self.model, roll.rows(i), t, self.bf16)[0] for i in self._chunks(n)])
+        logp = None
+        if policy:
+            logp = torch.cat([token_logprobs(self.model, roll.rows(i), t, self.bf16)[0] for i in self._chunks(n)])
         ref_model, ctx = self.reference()
         with ctx:
             ref = torch.cat([token_logprobs(ref_model, roll.rows(i), t, self.bf16)[0] for i in self._chunks(n)])
@@ -273,12 +276,10 @@ def evaluate(policy: Policy, task, reward, examples, rl, device, step: int) -> d
     roll = sample(model, task, prompts, 1, rl.max_new_tokens, rl.temperature, rl.top_p, device=device, bf16=bf16,
                   generator_seed=EVAL_SEED)
     logp, ref_logp = policy.score(roll)
-    if rl.temperature != 1:  # perplexity is the reference model's own, at temperature 1
-        ref_logp_1 = policy.score(roll, temperature=1.0)[1]
-    else:
-        ref_logp_1 = ref_logp
+    # Perplexity is the reference model's own, at temperature 1.
+    ref_logp_1 = ref_logp if rl.temperature == 1 else policy.score(roll, temperature=1.0, policy=False)[1]
     r = reward(prompts, roll.texts, refs, completion_ids=_ids(roll))
-    parts = {n: sum(v) / len(v) for n, v in reward.last_parts.items()}
+    parts = reward.part_means()
     kl = est.sequence_kl(logp, ref_logp, roll.mask)
     greedy = sample(model, task, prompts, 1, rl.max_new_tokens, greedy=True, device=device, bf16=bf16)
     greedy_r = reward(prompts, greedy.texts, refs, completion_ids=_ids(greedy))

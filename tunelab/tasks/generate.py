@@ -86,6 +86,17 @@ class GenerateTask:
         loss = total / max(1, count)
         return {"main": -loss, "loss": loss, "perplexity": math.exp(min(loss, 50)), "target_tokens": count}
 
+    def pad_prompts(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt ids and attention mask for `generate`: a decoder continues from the last position, so its
+        prompts are padded on the left; an encoder's on the right."""
+        longest = max(map(len, rows))
+        ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            sl = slice(0, len(row)) if self.encoder_decoder else slice(longest - len(row), longest)
+            ids[r, sl], mask[r, sl] = torch.tensor(row), 1
+        return ids, mask
+
     @torch.inference_mode()
     def generate(self, model, examples, device, bf16=False, batch_size=16, desc=None,
                  max_new_tokens: int | None = None) -> list[str]:
@@ -100,14 +111,8 @@ class GenerateTask:
         out = [None] * len(examples)
         with eval_mode(model):
             for _, idx in inference_batches(features, batch_size, desc):
-                rows = [features[i]["input_ids"] for i in idx]
-                longest = max(map(len, rows))
-                ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, row in enumerate(rows):
-                    # A decoder continues from the last position, so its prompts are padded on the left.
-                    sl = slice(longest - len(row), longest) if not self.encoder_decoder else slice(0, len(row))
-                    ids[r, sl], mask[r, sl] = torch.tensor(row), 1
+                ids, mask = self.pad_prompts([features[i]["input_ids"] for i in idx])
+                longest = ids.shape[1]
                 with autocast(device, bf16):
                     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                          max_new_tokens=bound, pad_token_id=self.pad,
