@@ -8,6 +8,8 @@ epochs, batch size, learning rate, warmup, weight decay, seed and torch threads:
   tunelab_fp32     the same in fp32 (optional)
   trainer_default  Trainer as run_ner.py uses it, with its defaults: fp32, random batches
   trainer_best     Trainer with bf16=True (autocast) and length-grouped batches
+  tunelab_before   "tunelab" exactly, but importing tunelab from another checkout (--before PATH), e.g. the commit
+                   before a refactor: same F1 and no slower steps, measured side by side in one invocation
 
 Both sides read the same sentences (tunelab.data.packaged.conll2003(), sliced with --max-*), and every F1 is
 computed by the same function, tunelab.metrics.entity_metrics, on word-level tags. For the Trainer a word's
@@ -15,6 +17,18 @@ prediction is the argmax on its first sub-token (words cut off by truncation are
 
     python bench/ner_vs_trainer.py --epochs 1 --batch-size 32 --lr 1e-4 \\
         --runs tunelab,trainer_default,trainer_best --out bench/results/ner_vs_trainer.json
+
+Before/after a change to tunelab (the "tunelab_before" run needs --before: a folder holding the older source
+tree, with tunelab/ directly inside it, such as a git worktree; its subprocess imports tunelab from there and
+nothing from this tree, and checks that it did):
+
+    git worktree add /tmp/tunelab-before 2dc0217
+    python bench/ner_vs_trainer.py --epochs 1 --batch-size 32 --lr 1e-4 --runs tunelab_before,tunelab \\
+        --before /tmp/tunelab-before --out bench/results/ner_vs_before.json
+
+The table then gains the median seconds per optimizer step (from tunelab's per-step history) and its ratio to
+tunelab_before, and the summary lines compare the two runs: step time, train seconds, dev/test F1 and the
+per-step training losses (identical for a behaviour-preserving change on the same machine and settings).
 """
 
 import argparse
@@ -22,6 +36,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,8 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RUNS = ("tunelab", "tunelab_fp32", "trainer_default", "trainer_best")
+RUNS = ("tunelab", "tunelab_fp32", "trainer_default", "trainer_best", "tunelab_before")
 BASELINE = "trainer_default"
+BEFORE = "tunelab_before"  # compared with AFTER, the same settings from this tree
+AFTER = "tunelab"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,6 +113,7 @@ def run_tunelab(args, bf16: bool) -> dict:
         cpu = time.process_time() - c0
         shutil.rmtree(out, ignore_errors=True)
     losses = [h["loss"] for h in report["history"]]
+    step_seconds = [h["seconds"] for h in report["history"] if h.get("seconds") is not None]
     return {
         "side": "tunelab", "bf16": bf16, "group_by_length": True,
         "train_seconds": report["train_seconds"], "total_seconds": total,
@@ -103,6 +121,11 @@ def run_tunelab(args, bf16: bool) -> dict:
         "padding_share": report["padding_share"], "padding_measured": "every training batch (tunelab's own count)",
         "cpu_per_wall": cpu / total, "cpu_per_wall_scope": "the whole train() call",
         "steps": report["steps"], "train_loss": sum(losses) / max(1, len(losses)),
+        "step_seconds_median": statistics.median(step_seconds) if step_seconds else None,
+        "step_seconds_mean": statistics.fmean(step_seconds) if step_seconds else None,
+        "step_seconds_scope": "median/mean over the optimizer steps of the report's history (its per-step "
+                              "'seconds': forward, backward and optimizer step; dev eval and checkpoints excluded)",
+        "step_losses": losses,
         "best_step": report["best_step"], "dev_evals": len(report["evals"]),
         "dev": f1_summary(report["dev"]) if report["dev"] else None,
         "test": f1_summary(report["test"]) if report["test"] else None,
@@ -280,10 +303,47 @@ def run_trainer(args, best: bool) -> dict:
     }
 
 
+def same_path(a, b) -> bool:
+    try:
+        return Path(a or ".").resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def use_tunelab_from(tree: Path) -> None:
+    """Make `import tunelab` in this process read tree/tunelab: `tree` first on sys.path, this checkout's root (put
+    there by this script, or the cwd) off it. The venv's editable install of this checkout is a meta-path finder
+    after sys.path's, so it does not get a say once tree/tunelab is found."""
+    if any(m == "tunelab" or m.startswith("tunelab.") for m in sys.modules):
+        raise RuntimeError("tunelab was imported before its checkout was chosen")
+    sys.path[:] = [str(tree)] + [p for p in sys.path if not same_path(p, ROOT) and not same_path(p, tree)]
+
+
+def check_tunelab_source(tree: Path) -> str:
+    """Every tunelab module this process has imported lies under tree (no module from another checkout leaked in);
+    returns tunelab's package folder."""
+    import tunelab
+
+    tree = tree.resolve()
+    wrong = sorted(f"{name} ({mod.__file__})" for name, mod in list(sys.modules.items())
+                   if (name == "tunelab" or name.startswith("tunelab.")) and getattr(mod, "__file__", None)
+                   and not Path(mod.__file__).resolve().is_relative_to(tree))
+    if wrong:
+        raise RuntimeError(f"tunelab modules imported from outside {tree}: {', '.join(wrong[:5])}")
+    return str(Path(tunelab.__file__).resolve().parent)
+
+
 def child_main(args) -> None:
     result = {"run": args.child}
+    tree = Path(args.before) if args.child == BEFORE else ROOT
     try:
-        if args.child == "tunelab":
+        if args.child == BEFORE:
+            if not args.before:
+                raise ValueError(f"{BEFORE} needs --before PATH")
+            use_tunelab_from(tree)
+        if args.child.startswith("tunelab"):
+            result["tunelab_from"] = check_tunelab_source(tree)  # before the run, so a wrong tree runs nothing
+        if args.child in ("tunelab", BEFORE):
             result.update(run_tunelab(args, bf16=True))
         elif args.child == "tunelab_fp32":
             result.update(run_tunelab(args, bf16=False))
@@ -293,6 +353,8 @@ def child_main(args) -> None:
             result.update(run_trainer(args, best=True))
         else:
             raise ValueError(args.child)
+        if args.child.startswith("tunelab"):
+            result["tunelab_from"] = check_tunelab_source(tree)  # and every module the run imported
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}"
         raise
@@ -308,13 +370,28 @@ def child_main(args) -> None:
 # Parent: one subprocess per run, table, JSON
 
 
-def child_env(args) -> dict:
+def child_env(args, run: str = "") -> dict:
     env = dict(os.environ)
     n = str(args.threads)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=n,
                MKL_NUM_THREADS=n, PYTHONHASHSEED=str(args.seed))
+    if run == BEFORE:  # the other checkout first, this one not at all (the child also fixes sys.path and checks)
+        rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and not same_path(p, ROOT)]
+        env["PYTHONPATH"] = os.pathsep.join([str(args.before), *rest])
+        return env
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def git_state(tree: Path) -> dict:
+    """The commit of a checkout and whether its tracked files differ from it (for the record)."""
+    def git(*cmd):
+        r = subprocess.run(["git", "-C", str(tree), *cmd], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"path": str(tree), "commit": commit, "modified": None if status is None else bool(status)}
 
 
 def spawn(run: str, args, argv: list[str]) -> dict:
@@ -324,7 +401,7 @@ def spawn(run: str, args, argv: list[str]) -> dict:
     print(f"\n=== {run} ===", file=sys.stderr, flush=True)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=child_env(args), cwd=str(ROOT))
+    proc = subprocess.Popen(cmd, env=child_env(args, run), cwd=str(ROOT))
     # wait4 gives this one child's own resource usage (RUSAGE_CHILDREN would be the max over all children so far).
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -352,25 +429,97 @@ def failed_row(r: dict, columns: int) -> str:
     return f"| {r['run']} | failed: {msg[:160]} |" + " |" * (columns - 2)
 
 
+def first_ok(results: list[dict], run: str):
+    return next((r for r in results if r["run"] == run and "error" not in r), None)
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
 def table(results: list[dict]) -> str:
-    base = next((r for r in results if r["run"] == BASELINE and "error" not in r), None)
-    rows = ["| run | bf16 | batches | train s | total s | train time vs default | tokens/s | tokens/s vs default "
-            "| padding | peak RSS MiB | CPU s per s | dev F1 | test F1 |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = first_ok(results, BASELINE)
+    # With a tunelab_before run: the median seconds per optimizer step, and its ratio to tunelab_before's.
+    steps = any(r["run"] == BEFORE for r in results)
+    before = first_ok(results, BEFORE)
+    rows = ["| run | bf16 | batches | train s | total s | train time vs default "
+            + ("| s/step (median) | s/step vs before " if steps else "")
+            + "| tokens/s | tokens/s vs default | padding | peak RSS MiB | CPU s per s | dev F1 | test F1 |",
+            "|---|---|---|---:|---:|---:|" + ("---:|---:|" if steps else "") + "---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            rows.append(failed_row(r, 13))
+            rows.append(failed_row(r, 15 if steps else 13))
             continue
         t_ratio = r["train_seconds"] / base["train_seconds"] if base else None
         s_ratio = r["tokens_per_second"] / base["tokens_per_second"] if base else None
+        step_cells = ""
+        if steps:
+            b_ratio = (ratio(r.get("step_seconds_median"), before["step_seconds_median"])
+                       if before and r["run"] in (AFTER, BEFORE) else None)
+            step_cells = (f"| {fmt(r.get('step_seconds_median'), '.3f')} "
+                          f"| {fmt(b_ratio, '.3f')}{'×' if b_ratio is not None else ''} ")
         rows.append(
             f"| {r['run']} | {'yes' if r['bf16'] else 'no'} | {'length-grouped' if r['group_by_length'] else 'random'} "
             f"| {fmt(r['train_seconds'])} | {fmt(r['total_seconds'])} | {fmt(t_ratio, '.2f')}{'×' if base else ''} "
+            f"{step_cells}"
             f"| {fmt(r['tokens_per_second'], ',.0f')} | {fmt(s_ratio, '.2f')}{'×' if base else ''} | {r['padding_share']:.1%} "
             f"| {fmt(r['peak_rss_mib'], ',.0f')} | {fmt(r.get('cpu_per_wall'), '.2f')} "
             f"| {fmt(r['dev'] and r['dev']['f1'], '.4f')} "
             f"| {fmt(r['test'] and r['test']['f1'], '.4f')} |")
     return "\n".join(rows)
+
+
+def vs_before(args, results) -> dict | None:
+    """tunelab (this tree) against tunelab_before (--before), both bf16 with the same settings: step time, train
+    time, F1 and per-step losses. None unless both ran."""
+    after, before = first_ok(results, AFTER), first_ok(results, BEFORE)
+    if not (after and before):
+        return None
+
+    def f1(r, split):
+        return r[split]["f1"] if r.get(split) else None
+
+    la, lb = after.get("step_losses") or [], before.get("step_losses") or []
+    same_len = len(la) == len(lb)
+    return {
+        "after": {"run": AFTER, "tunelab_from": after.get("tunelab_from")},
+        "before": {"run": BEFORE, "tunelab_from": before.get("tunelab_from"), **git_state(Path(args.before))},
+        "step_seconds_median": {"after": after.get("step_seconds_median"), "before": before.get("step_seconds_median"),
+                                "ratio": ratio(after.get("step_seconds_median"), before.get("step_seconds_median"))},
+        "step_seconds_mean": {"after": after.get("step_seconds_mean"), "before": before.get("step_seconds_mean"),
+                              "ratio": ratio(after.get("step_seconds_mean"), before.get("step_seconds_mean"))},
+        "train_seconds": {"after": after["train_seconds"], "before": before["train_seconds"],
+                          "ratio": ratio(after["train_seconds"], before["train_seconds"])},
+        "steps": {"after": after["steps"], "before": before["steps"]},
+        "dev_f1": {"after": f1(after, "dev"), "before": f1(before, "dev"),
+                   "same": f1(after, "dev") == f1(before, "dev")},
+        "test_f1": {"after": f1(after, "test"), "before": f1(before, "test"),
+                    "same": f1(after, "test") == f1(before, "test")},
+        "step_losses": {"same": same_len and la == lb,
+                        "max_abs_diff": max((abs(a - b) for a, b in zip(la, lb)), default=None) if same_len else None,
+                        "steps": [len(la), len(lb)]},
+    }
+
+
+def vs_before_lines(cmp: dict) -> list[str]:
+    b = cmp["before"]
+    where = f"{b['path']} @ {(b['commit'] or '?')[:10]}{' + uncommitted changes' if b['modified'] else ''}"
+    st, tr = cmp["step_seconds_median"], cmp["train_seconds"]
+    lines = [f"{AFTER} vs {BEFORE} ({where}): median s/step {fmt(st['after'], '.4f')} vs {fmt(st['before'], '.4f')}"
+             f" = {fmt(st['ratio'], '.3f')}× (≤ 1 is no slower); train s {fmt(tr['after'])} vs {fmt(tr['before'])} = "
+             f"{fmt(tr['ratio'], '.3f')}×; steps {cmp['steps']['after']} vs {cmp['steps']['before']}"]
+    for split in ("dev", "test"):
+        c = cmp[f"{split}_f1"]
+        diff = c["after"] - c["before"] if c["after"] is not None and c["before"] is not None else None
+        lines.append(f"{AFTER} vs {BEFORE}: {split} F1 {fmt(c['after'], '.4f')} vs {fmt(c['before'], '.4f')} "
+                     f"({'identical' if c['same'] else 'DIFFERENT, Δ ' + fmt(diff, '+.6f')})")
+    sl = cmp["step_losses"]
+    lines.append(f"{AFTER} vs {BEFORE}: per-step training losses "
+                 + ("identical" if sl["same"] else
+                    f"DIFFERENT (max |Δ| {fmt(sl['max_abs_diff'], '.3g')})" if sl["max_abs_diff"] is not None else
+                    f"DIFFERENT (step counts {sl['steps'][0]} vs {sl['steps'][1]})")
+                 + f" over {sl['steps'][0]} steps")
+    return lines
 
 
 def notes(args, results) -> list[str]:
@@ -387,6 +536,13 @@ def notes(args, results) -> list[str]:
         "CPU s per s: process CPU-seconds per wall-second while training (tunelab: whole train() call; Trainer: "
         "trainer.train()); well under the thread count means the CPU was shared with other work.",
     ]
+    if any(r["run"] == BEFORE for r in results):
+        out.append(f"s/step: median of the per-step seconds in tunelab's report history (forward, backward, optimizer "
+                   f"step; dev eval and checkpoints excluded); vs before: ratio to {BEFORE}'s (tunelab imported "
+                   f"from --before), lower is faster. The runs ran one after the other, not at once.")
+        cmp = vs_before(args, results)
+        if cmp:
+            out.extend(vs_before_lines(cmp))
     busy = [f"{r['run']} ({r['cpu_per_wall']:.2f})" for r in results
             if r.get("cpu_per_wall") is not None and r["cpu_per_wall"] < 0.75 * args.threads]
     if busy:
@@ -418,6 +574,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="tunelab,trainer_default,trainer_best",
                    help=f"comma-separated, in order, from: {', '.join(RUNS)}")
     p.add_argument("--out", default="bench/results/ner_vs_trainer.json")
+    p.add_argument("--before", metavar="PATH",
+                   help=f"a folder holding another tunelab source tree (PATH/tunelab/__init__.py), e.g. a git "
+                        f"worktree of an older commit: the {BEFORE} run imports tunelab from there")
     p.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -430,9 +589,20 @@ def main(argv=None) -> int:
     bad = [r for r in runs if r not in RUNS]
     if bad or not runs:
         p.error(f"--runs: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(RUNS)}")
+    if args.before:
+        args.before = str(Path(args.before).expanduser().resolve())
+        if not (Path(args.before) / "tunelab" / "__init__.py").is_file():
+            p.error(f"--before {args.before}: no tunelab/__init__.py in it (give the folder that holds tunelab/)")
+        if same_path(args.before, ROOT):
+            p.error("--before is this checkout; give another one (e.g. git worktree add /tmp/tunelab-before REV)")
+    elif BEFORE in runs:
+        p.error(f"--runs {BEFORE} needs --before PATH")
     child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     child_argv = strip_option(child_argv, "--runs")
     child_argv = strip_option(child_argv, "--out")
+    child_argv = strip_option(child_argv, "--before")
+    if args.before:
+        child_argv += ["--before", args.before]  # absolute: the children run in this checkout's root
 
     splits = load_data(args)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -458,6 +628,8 @@ def main(argv=None) -> int:
                         "machine": platform.machine(), "processor": platform.processor()},
         "baseline": BASELINE, "notes": notes(args, results), "runs": results,
     }
+    if BEFORE in runs:
+        doc["vs_before"] = vs_before(args, results)
     out = Path(args.out)
     atomic_write_json(out, doc)
 

@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _file_options(p) -> None:
-    p.add_argument("--format", choices=["conll", "jsonl", "csv", "text"], help="input format (default: from the extension)")
+    from tunelab.data import stream, tags  # their lists of input formats and tag schemes are the choices
+
+    p.add_argument("--format", choices=stream.FORMATS, help="input format (default: from the extension)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
     p.add_argument("--tokens-field", default="tokens")
@@ -147,7 +149,7 @@ def _file_options(p) -> None:
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--target-field", default="target")
     p.add_argument("--tag-column", type=int, default=-1)
-    p.add_argument("--tag-scheme", default="iob2", choices=["iob2", "iob1", "bioes", "bilou", "bmes"])
+    p.add_argument("--tag-scheme", default="iob2", choices=tags.SCHEMES)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast, as the recipes train and evaluate (faster "
@@ -208,7 +210,7 @@ def cmd_eval(args) -> int:
 
     pred = Predictor(args.model_dir, args.device, args.batch_size, args.bf16)
     info = pred.task_meta(args.task)
-    kind = info["task"]
+    task = pred.task_for(task=args.task)
     name, _, split = args.data.partition(":")
     if not Path(args.data).exists() and (split or name in _builtin_names()):
         splits = load_builtin(name)
@@ -217,20 +219,17 @@ def cmd_eval(args) -> int:
             raise TunelabError(f"--data {args.data}: split must be train, dev or test")
         examples = getattr(splits, split)
     else:
-        examples = _read_labelled(args, kind, args.data)
+        examples = _read_labelled(args, task.kind, args.data)
     # A label the model never learned cannot be predicted: say so instead of scoring it as a silent miss.
     check_known_labels(examples, info["labels"], "is not one the model was trained on")
-    if kind == "generate":
-        metrics = pred.evaluate(examples, desc="eval", task=args.task)
-        predictions = pred.predict(examples, desc="generate", task=args.task) if args.predictions else None
-    else:
-        predictions = pred.predict(examples, desc="eval", task=args.task)
-        metrics = pred.metrics(examples, predictions, task=args.task)
+    # Predictions are made once: the metrics of NER and classification are computed from them.
+    predictions = pred.predict(examples, desc="predict", task=args.task) if args.predictions else None
+    metrics = pred.evaluate(examples, desc="eval", task=args.task, predictions=predictions)
     print(metrics_table(metrics))
     if args.output:
         atomic_write_json(args.output, metrics)
     if args.predictions:
-        write_predictions(args.predictions, kind, info["labels"], examples, predictions)
+        write_predictions(args.predictions, task, examples, predictions)
     return 0
 
 
@@ -251,7 +250,7 @@ def cmd_predict(args) -> int:
             ("/" in args.input or path.suffix in (".txt", ".conll", ".jsonl", ".csv")):
         raise TunelabError(f"{args.input}: no such file (to predict on literal text, quote a sentence)")
     pred = Predictor(args.model_dir, args.device, args.batch_size, args.bf16)
-    kind = pred.task_meta(args.task)["task"]
+    kind = pred.task_for(task=args.task).kind
 
     def inputs():  # a fresh iterator on each call: predict_file reads the input twice (check, then predict)
         if not path.is_file():
@@ -266,7 +265,7 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from tunelab.multitask.model import export
-    from tunelab.predict import read_meta
+    from tunelab.train.run import read_meta
 
     if args.onnx:
         return _export_onnx(args)
@@ -348,18 +347,15 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def write_predictions(out, task, labels, examples, predictions) -> None:
-    """tunelab eval --predictions: JSONL records, or CoNLL columns (word gold predicted) for NER."""
+def write_predictions(out, task, examples, predictions) -> None:
+    """tunelab eval --predictions: JSONL records, or CoNLL columns (word gold predicted) where the task writes
+    them (NER)."""
     from tunelab.io import atomic_write_text
-    from tunelab.predict import prediction_records
 
-    if out and str(out).endswith(".conll") and task == "ner":
-        from tunelab.data.conll import write_conll
-
-        write_conll(out, examples, [p[0] for p in predictions])
+    if out and str(out).endswith(".conll") and "conll" in task.outputs:
+        atomic_write_text(out, task.conll(examples, predictions)[0])
         return
-    lines = [json.dumps(r, ensure_ascii=False)
-             for r in prediction_records(task, labels, examples, predictions)]
+    lines = [json.dumps(r, ensure_ascii=False) for r in task.records(task.labels, examples, predictions)]
     if out:
         atomic_write_text(out, "\n".join(lines) + "\n")
     else:

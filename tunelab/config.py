@@ -1,9 +1,13 @@
 """The run schema: dataclasses with defaults, filled from YAML, overridden by `key.sub=value` arguments.
 
-Unknown keys and wrong types are errors naming the key. The resolved config is saved beside every model.
+Each field's allowed values or range sit beside it (`choice`, `ranged`: dataclass field metadata) and one walk,
+_check_fields, checks them in every section and every `tasks:` entry; rules that tie fields together are spelled
+out in _validate. Unknown keys, wrong types and bad values are errors naming the key and where its value came
+from: a recipe's file and line, or the override. The resolved config is saved beside every model.
 """
 
 import dataclasses
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -11,16 +15,47 @@ from pathlib import Path
 
 import yaml
 
-from tunelab.errors import TunelabError
+from tunelab.data.stream import FORMATS
+from tunelab.data.tags import SCHEMES
+from tunelab.errors import TunelabError, where
+
+# One tuple per set of choices, shared by the fields below and the code that acts on the value. Tag schemes and input
+# formats come from their torch-free owners; tunelab.peft, rl.estimators and multitask.sampling import torch, so
+# their lists (ADAPTERS, ESTIMATORS, SAMPLINGS) live here and they import them (config must load without torch).
+TASKS = ("ner", "classify", "generate")  # one model, one head: a plain run, or one entry of `tasks:`
+RUN_TASKS = TASKS + ("multitask", "rl")
+ADAPTERS = ("lora", "ia3", "prompt", "prefix")  # tune methods that train a peft adapter
+METHODS = ("full", *ADAPTERS, "bitfit", "head")
+MULTITASK_METHODS = ("full", "lora", "bitfit", "head")  # lora: one adapter per task on the shared backbone
+RL_METHODS = ("full", "lora")  # lora: the reference is the same weights with the adapter off
+ESTIMATORS = ("reinforce", "rloo", "self_critical", "ppo")
+SAMPLINGS = ("proportional", "temperature", "round_robin", "annealed")
+WEIGHTINGS = ("fixed", "uncertainty", "pcgrad")
+SCHEDULERS = ("linear", "cosine", "constant")
+DATA_FORMATS = tuple(f for f in FORMATS if f != "text")  # training data needs labels, which text lines lack
+
+
+def choice(default, choices: tuple):
+    """A field whose value must be one of `choices`."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def ranged(default, *, gt=None, ge=None, lt=None, le=None):
+    """A number field with bounds: ranged(0.1, ge=0, lt=1) takes 0 <= x < 1."""
+    bounds = {op: b for op, b in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if b is not None}
+    return field(default=default, metadata={"range": bounds})
+
+
+_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
 
 
 @dataclass
 class ModelConfig:
     name: str = "all-MiniLM-L6-v2"  # a packaged model name (tunelab.models.PACKAGED) or a local folder
-    max_length: int = 256  # sub-word tokens per sequence, [CLS]/[SEP] included
-    dropout: float | None = None  # overrides the backbone's hidden/attention dropout when set
+    max_length: int = ranged(256, ge=8)  # sub-word tokens per sequence, [CLS]/[SEP] included
+    dropout: float | None = ranged(None, ge=0, lt=1)  # overrides the backbone's hidden/attention dropout when set
     trust_remote_code: bool = False
-    max_unk_share: float = 0.3  # refuse data whose tokens the tokenizer mostly cannot read ([UNK])
+    max_unk_share: float = ranged(0.3, ge=0, le=1)  # refuse data whose tokens the tokenizer mostly cannot read
 
 
 @dataclass
@@ -30,7 +65,7 @@ class DataConfig:
     train: str | None = None
     dev: str | None = None
     test: str | None = None
-    format: str | None = None  # conll | jsonl | csv; from the file extension when unset
+    format: str | None = choice(None, DATA_FORMATS)  # from the file extension when unset
     text_field: str = "text"
     label_field: str = "label"
     tokens_field: str = "tokens"
@@ -38,71 +73,72 @@ class DataConfig:
     prompt_field: str = "prompt"  # generation: JSONL/CSV field of the input
     target_field: str = "target"  # generation: JSONL/CSV field of the reference output
     prompt_suffix: str = "\n"  # generation with a causal LM: put between the prompt and the output it learns
-    max_target_length: int = 64  # generation: reference tokens kept in training; new tokens at prediction
+    max_target_length: int = ranged(64, gt=0)  # generation: reference tokens kept in training; new tokens at prediction
     tag_column: int = -1
-    tag_scheme: str = "iob2"  # scheme of the input files; converted to IOB2
-    context_sentences: int = 0  # NER: up to this many neighbouring sentences of the same document as context
-    max_train_examples: int | None = None  # first N training examples (quick runs)
-    max_eval_examples: int | None = None  # first N dev examples
+    tag_scheme: str = choice("iob2", SCHEMES)  # scheme of the input files; converted to IOB2
+    context_sentences: int = ranged(0, ge=0)  # NER: up to this many neighbouring sentences of one document as context
+    max_train_examples: int | None = ranged(None, ge=1)  # first N training examples (quick runs)
+    max_eval_examples: int | None = ranged(None, ge=1)  # first N dev examples
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 3.0
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 5e-5
-    head_lr: float | None = None  # the new task head often wants a larger rate; None = lr
-    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
-    warmup_ratio: float = 0.1
-    scheduler: str = "linear"  # linear | cosine | constant
-    max_grad_norm: float | None = 1.0
+    epochs: float = ranged(3.0, gt=0)
+    batch_size: int = ranged(32, gt=0)
+    grad_accum: int = ranged(1, gt=0)
+    lr: float = ranged(5e-5, gt=0)
+    head_lr: float | None = ranged(None, gt=0)  # the new task head often wants a larger rate; None = lr
+    weight_decay: float = ranged(0.01, ge=0)  # not applied to biases and LayerNorm weights
+    warmup_ratio: float = ranged(0.1, ge=0, lt=1)
+    scheduler: str = choice("linear", SCHEDULERS)
+    max_grad_norm: float | None = ranged(1.0, ge=0)  # None or 0: no clipping
     group_by_length: bool = True
     seed: int = 42
     bf16: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    eval_every: int = 0  # steps between dev evaluations; 0 = once per epoch
-    save_every: int = 0  # steps between resumable checkpoints; 0 = at each evaluation and every save_minutes
-    save_minutes: float = 5.0  # at most this much work is lost to a crash (when save_every is 0)
-    patience: int | None = None  # stop after this many evaluations without dev improvement
-    threads: int | None = None  # torch CPU threads; None = torch's default
+    eval_every: int = ranged(0, ge=0)  # steps between dev evaluations; 0 = once per epoch
+    # steps between resumable checkpoints; 0 = at each evaluation and every save_minutes
+    save_every: int = ranged(0, ge=0)
+    save_minutes: float = ranged(5.0, ge=0)  # at most this much work is lost to a crash (when save_every is 0)
+    patience: int | None = ranged(None, ge=1)  # stop after this many evaluations without dev improvement
+    threads: int | None = ranged(None, ge=1)  # torch CPU threads; None = torch's default
 
 
 @dataclass
 class TuneConfig:
     """Which parameters train. A new task head (classification) always trains; everything else per method."""
-    method: str = "full"  # full | lora | ia3 | prompt | prefix | bitfit | head
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
+    method: str = choice("full", METHODS)
+    lora_r: int = ranged(8, gt=0)
+    lora_alpha: float = ranged(16.0, gt=0)
+    lora_dropout: float = ranged(0.1, ge=0, lt=1)
     target_modules: list[str] | None = None  # LoRA/IA3 targets (module name suffixes); None = peft's default
     lora_embeddings: bool = False  # LoRA on the input embeddings too
-    virtual_tokens: int = 20  # prompt / prefix tuning
+    virtual_tokens: int = ranged(20, gt=0)  # prompt / prefix tuning
     prompt_init_text: str | None = None  # prompt tuning: start from this text's embeddings instead of random
     freeze_embeddings: bool = False  # keep the embedding layer fixed (any method)
-    freeze_layers: int = 0  # keep the lowest N transformer layers fixed (any method)
+    freeze_layers: int = ranged(0, ge=0)  # keep the lowest N transformer layers fixed (any method)
     merge: bool = False  # lora/ia3: also save the merged full model in OUTPUT_DIR/merged
 
 
 @dataclass
 class TaskSpec:
     """One task of a multi-task run (`tasks: {NAME: ...}`): its head type, data and loss weight."""
-    task: str = "classify"  # ner | classify | generate
+    task: str = choice("classify", TASKS)
     data: DataConfig = field(default_factory=DataConfig)
-    weight: float = 1.0  # multitask.weighting=fixed: this task's loss is multiplied by it
-    max_length: int | None = None  # sub-word tokens per sequence for this task; None = model.max_length
+    weight: float = ranged(1.0, gt=0)  # multitask.weighting=fixed: this task's loss is multiplied by it
+    max_length: int | None = ranged(None, ge=8)  # sub-word tokens per sequence for this task; None = model.max_length
 
 
 @dataclass
 class MultiTaskConfig:
     """How the tasks of a multi-task run share the steps and the loss (task: multitask)."""
-    sampling: str = "temperature"  # proportional | temperature | round_robin | annealed
-    temperature: float = 2.0  # sampling=temperature: task probability proportional to size^(1/T)
-    anneal_min: float = 0.2  # sampling=annealed: the exponent on size falls from 1 to this over training
-    mix: str = "one"  # one: each micro-batch is one task's | all: each step takes one batch of every task
+    sampling: str = choice("temperature", SAMPLINGS)
+    temperature: float = ranged(2.0, gt=0)  # sampling=temperature: task probability proportional to size^(1/T)
+    anneal_min: float = ranged(0.2, gt=0, le=1)  # sampling=annealed: the exponent on size falls from 1 to this
+    mix: str = choice("one", ("one", "all"))  # one: each micro-batch is one task's | all: one batch of every task
     # fixed (tasks.NAME.weight) | uncertainty (learned per-task log-variances, trained at train.head_lr or
     # train.lr) | pcgrad (projects conflicting task gradients; needs mix=all)
-    weighting: str = "fixed"
+    weighting: str = choice("fixed", WEIGHTINGS)
     select: str = "mean"  # model selection and early stopping: mean of the task scores, or one task's name
     train_backbone: bool = False  # tune.method=lora (per-task adapters): also train the shared backbone
 
@@ -121,38 +157,38 @@ class RLConfig:
     """Policy-gradient fine-tuning of a generator (task: rl). The `train` section configures the optional
     supervised warm start (`sft`) and what both phases share (seed, bf16, device, threads, max_grad_norm)."""
     sft: bool = False  # first fine-tune on the references (train.* settings), then start RL from that model
-    estimator: str = "rloo"  # reinforce | rloo | self_critical | ppo
-    steps: int = 100  # rollouts (each followed by ppo_epochs updates for ppo, one update otherwise)
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 4  # k completions per prompt, from one generate call
-    micro_batch: int = 16  # completions per forward/backward (gradients accumulate over a rollout)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 24
-    baseline_decay: float = 0.9  # reinforce: moving-average baseline of the mean reward
-    ppo_epochs: int = 4  # ppo: passes over each rollout
-    clip: float = 0.2  # ppo: ratio clipped to [1 - clip, 1 + clip]
-    kl_coef: float = 0.05  # reward -= kl_coef * sum_t (log pi - log ref)
-    kl_target: float | None = None  # adaptive coefficient (Ziegler et al.) towards this KL per completion
-    kl_horizon: int = 10000
-    entropy_coef: float = 0.0  # loss -= entropy_coef * mean token entropy
+    estimator: str = choice("rloo", ESTIMATORS)
+    steps: int = ranged(100, gt=0)  # rollouts (each followed by ppo_epochs updates for ppo, one update otherwise)
+    lr: float = ranged(1e-5, gt=0)
+    warmup_steps: int = ranged(0, ge=0)
+    prompts_per_step: int = ranged(8, gt=0)
+    samples_per_prompt: int = ranged(4, gt=0)  # k completions per prompt, from one generate call
+    micro_batch: int = ranged(16, gt=0)  # completions per forward/backward (gradients accumulate over a rollout)
+    temperature: float = ranged(1.0, gt=0)
+    top_p: float = ranged(1.0, gt=0, le=1)
+    max_new_tokens: int = ranged(24, gt=0)
+    baseline_decay: float = ranged(0.9, ge=0, lt=1)  # reinforce: moving-average baseline of the mean reward
+    ppo_epochs: int = ranged(4, gt=0)  # ppo: passes over each rollout
+    clip: float = ranged(0.2, gt=0, lt=1)  # ppo: ratio clipped to [1 - clip, 1 + clip]
+    kl_coef: float = ranged(0.05, ge=0)  # reward -= kl_coef * sum_t (log pi - log ref)
+    kl_target: float | None = ranged(None, gt=0)  # adaptive coefficient (Ziegler et al.) towards this KL
+    kl_horizon: int = ranged(10000, gt=0)
+    entropy_coef: float = ranged(0.0, ge=0)  # loss -= entropy_coef * mean token entropy
     whiten: bool = False  # rewards (after the KL penalty) to zero mean, unit std per rollout
     # reward name -> weight: bleu, rouge_l, classifier, length, repetition, or a function "module:function"
     rewards: dict[str, float] = field(default_factory=dict)
     classifier: str | None = None  # rewards.classifier: a tunelab classification folder
     classifier_label: str | None = None  # ... and the label whose probability is the reward
-    classifier_input: str = "completion"  # completion | full (prompt + completion)
-    target_words: int = 10  # rewards.length: the length without penalty
-    eval_every: int = 0  # rollouts between held-out evaluations; 0 = before and after only
-    eval_prompts: int = 64  # held-out prompts (dev split) per evaluation
-    save_every: int = 10  # rollouts between resumable checkpoints
+    classifier_input: str = choice("completion", ("completion", "full"))  # full: prompt + completion
+    target_words: int = ranged(10, gt=0)  # rewards.length: the length without penalty
+    eval_every: int = ranged(0, ge=0)  # rollouts between held-out evaluations; 0 = before and after only
+    eval_prompts: int = ranged(64, gt=0)  # held-out prompts (dev split) per evaluation
+    save_every: int = ranged(10, gt=0)  # rollouts between resumable checkpoints
 
 
 @dataclass
 class RunConfig:
-    task: str = "ner"  # ner | classify | generate | multitask | rl
+    task: str = choice("ner", RUN_TASKS)
     output_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -162,17 +198,6 @@ class RunConfig:
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # task: rl
     track: TrackConfig = field(default_factory=TrackConfig)
-
-
-TASKS = ("ner", "classify", "generate")
-METHODS = ("full", "lora", "ia3", "prompt", "prefix", "bitfit", "head")
-MULTITASK_METHODS = ("full", "lora", "bitfit", "head")  # lora: one adapter per task on the shared backbone
-CHOICES = {"task": TASKS + ("multitask", "rl"), "tune.method": METHODS, "train.scheduler": ("linear", "cosine", "constant"),
-           "data.format": (None, "conll", "jsonl", "csv"),
-           "data.tag_scheme": ("iob2", "iob1", "bioes", "bilou", "bmes"),
-           "multitask.sampling": ("proportional", "temperature", "round_robin", "annealed"),
-           "multitask.mix": ("one", "all"), "multitask.weighting": ("fixed", "uncertainty", "pcgrad"),
-           "rl.estimator": ("reinforce", "rloo", "self_critical", "ppo"), "rl.classifier_input": ("completion", "full")}
 
 
 def _coerce(value, tp, key: str):
@@ -214,108 +239,144 @@ def _name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _fill(obj, values: dict, prefix: str, source: str):
+def _read_recipe(path: Path) -> tuple[object, dict[str, int]]:
+    """A recipe's values, and the line of each key ('train.lr' -> 7; '' -> the document), read from the composed
+    node tree so that errors about a key can point at its line."""
+    loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+    try:
+        node = loader.get_single_node()
+        if node is None:  # an empty file
+            return {}, {}
+        values = loader.construct_document(node)
+        lines = {"": node.start_mark.line + 1}
+        _key_lines(loader, node, "", lines)
+        return values or {}, lines
+    finally:
+        loader.dispose()
+
+
+def _key_lines(loader, node, prefix: str, lines: dict):
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:  # merge keys (<<) were already expanded into this list
+        key = prefix + str(loader.construct_object(key_node))  # the key as _fill names it ('yes' reads as True)
+        lines[key] = key_node.start_mark.line + 1
+        _key_lines(loader, value_node, key + ".", lines)
+
+
+def _fill(obj, values: dict, prefix: str, source: str, lines: dict, sources: dict):
+    """Set `obj`'s fields from one source's `values` (a recipe, a dict, an override), checking keys and types;
+    note in `sources` where each key came from (a recipe's file:line via `lines`), for errors found later."""
     if not isinstance(values, dict):
-        raise TunelabError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {values!r}")
+        section = prefix.rstrip(".")
+        raise TunelabError(f"{where(source, lines.get(section))}: {section or 'top level'} must be a mapping, got "
+                           f"{values!r}")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in values.items():
         key = prefix + str(k)
+        here = sources[key] = where(source, lines.get(key))
         if k not in names:
-            raise TunelabError(f"{source}: unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
+            raise TunelabError(f"{here}: unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
         current = getattr(obj, k)
         if typing.get_origin(hints[k]) is dict:  # named sub-sections (tasks: {NAME: {...}}) or values
             if not isinstance(v, dict):  # (empty in a saved single-task config.yaml)
-                raise TunelabError(f"{source}: {key} must be a mapping of names to sections, got {v!r}")
+                raise TunelabError(f"{here}: {key} must be a mapping of names to sections, got {v!r}")
             item = typing.get_args(hints[k])[1]
-            if not dataclasses.is_dataclass(item):  # name -> value (rl.rewards: {rouge_l: 1.0})
-                for name, sub in v.items():
-                    current[str(name)] = _coerce(sub, item, f"{key}.{name}")
-                continue
             for name, sub in v.items():
-                if not isinstance(name, str) or not name.isidentifier():
-                    raise TunelabError(f"{source}: {key}: name {name!r} must be a plain identifier (letters, "
-                                       "digits, _)")
-                _fill(current.setdefault(name, item()), sub, f"{key}.{name}.", source)
+                sub_key = f"{key}.{name}"
+                sources[sub_key] = where(source, lines.get(sub_key))
+                if not dataclasses.is_dataclass(item):  # name -> value (rl.rewards: {rouge_l: 1.0})
+                    current[str(name)] = _coerce_at(sub, item, sub_key, sources[sub_key])
+                elif not isinstance(name, str) or not name.isidentifier():
+                    raise TunelabError(f"{sources[sub_key]}: {key}: name {name!r} must be a plain identifier "
+                                       "(letters, digits, _)")
+                else:
+                    _fill(current.setdefault(name, item()), sub, sub_key + ".", source, lines, sources)
         elif dataclasses.is_dataclass(current):
-            _fill(current, v, key + ".", source)
+            _fill(current, v, key + ".", source, lines, sources)
         else:
-            setattr(obj, k, _coerce(v, hints[k], key))
+            setattr(obj, k, _coerce_at(v, hints[k], key, here))
 
 
-def _validate(cfg: RunConfig):
-    for key, allowed in CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value not in allowed:
-            raise TunelabError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, allowed))}")
-    t = cfg.train
-    checks = [("train.epochs", t.epochs > 0), ("train.batch_size", t.batch_size > 0),
-              ("train.grad_accum", t.grad_accum > 0), ("train.lr", t.lr > 0),
-              ("train.warmup_ratio", 0 <= t.warmup_ratio < 1), ("model.max_length", cfg.model.max_length >= 8),
-              ("data.context_sentences", cfg.data.context_sentences >= 0),
-              ("data.max_target_length", cfg.data.max_target_length > 0), ("tune.lora_r", cfg.tune.lora_r > 0),
-              ("tune.lora_dropout", 0 <= cfg.tune.lora_dropout < 1),
-              ("tune.virtual_tokens", cfg.tune.virtual_tokens > 0), ("tune.freeze_layers", cfg.tune.freeze_layers >= 0)]
-    for key, ok in checks:
-        if not ok:
-            value = cfg
-            for part in key.split("."):
-                value = getattr(value, part)
-            raise TunelabError(f"config key {key!r}: {value!r} is out of range")
+def _coerce_at(value, tp, key: str, here: str):
+    try:
+        return _coerce(value, tp, key)
+    except TunelabError as e:
+        raise TunelabError(f"{here}: {e}") from None
+
+
+def _fail(sources: dict, key: str, message: str) -> TunelabError:
+    """The error `message` about `key`, after where its value came from (none for a default)."""
+    return TunelabError(f"{sources[key]}: {message}" if key in sources else message)
+
+
+def _check_fields(obj, prefix: str, sources: dict):
+    """The choices and range in each field's metadata, in every section and every `tasks:` entry."""
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".", sources)
+        elif isinstance(value, dict):
+            for name, sub in value.items():
+                if dataclasses.is_dataclass(sub):
+                    _check_fields(sub, f"{key}.{name}.", sources)
+        elif value is not None:  # None got past the type check, so the field may be unset
+            choices, bounds = f.metadata.get("choices"), f.metadata.get("range", {})
+            if choices is not None and value not in choices:
+                raise _fail(sources, key, f"config key {key!r}: {value!r} is not one of {', '.join(choices)}")
+            if not all(_BOUNDS[op][0](value, bound) for op, bound in bounds.items()):
+                rule = " and ".join(f"{_BOUNDS[op][1]} {bound}" for op, bound in bounds.items())
+                raise _fail(sources, key, f"config key {key!r}: {value!r} is out of range (must be {rule})")
+
+
+def _validate(cfg: RunConfig, sources: dict):
+    _check_fields(cfg, "", sources)
+    # Rules between fields.
     if cfg.tune.merge and cfg.tune.method not in ("lora", "ia3"):
-        raise TunelabError(f"config key 'tune.merge': only lora and ia3 adapters merge into the weights, not "
-                           f"tune.method={cfg.tune.method} (its saved model is already complete or cannot merge)")
+        raise _fail(sources, "tune.merge", "config key 'tune.merge': only lora and ia3 adapters merge into the "
+                    f"weights, not tune.method={cfg.tune.method} (its saved model is already complete or cannot "
+                    "merge)")
     if cfg.task == "multitask":
-        _validate_multitask(cfg)
+        _validate_multitask(cfg, sources)
     elif cfg.task == "rl":
-        _validate_rl(cfg)
+        _validate_rl(cfg, sources)
     elif cfg.tasks:
-        raise TunelabError("config key 'tasks' is for task: multitask; set task=multitask or remove 'tasks'")
+        raise _fail(sources, "tasks", "config key 'tasks' is for task: multitask; set task=multitask or remove "
+                    "'tasks'")
     elif cfg.data.dataset is None and cfg.data.train is None:
         raise TunelabError("config: set data.dataset (a built-in set) or data.train (a file)")
 
 
-def _validate_multitask(cfg: RunConfig):
+def _validate_multitask(cfg: RunConfig, sources: dict):
     m = cfg.multitask
     if len(cfg.tasks) < 2:
-        raise TunelabError("task: multitask needs at least two entries under 'tasks' (NAME: {task: ner|classify|"
-                           "generate, data: {...}, weight: 1.0}); one task is a plain run (task: ner ...)")
+        raise _fail(sources, "tasks", "task: multitask needs at least two entries under 'tasks' (NAME: {task: "
+                    "ner|classify|generate, data: {...}, weight: 1.0}); one task is a plain run (task: ner ...)")
     for name, spec in cfg.tasks.items():
         key = f"tasks.{name}"
-        if spec.task not in TASKS:
-            raise TunelabError(f"config key '{key}.task': {spec.task!r} is not one of {', '.join(TASKS)}")
         if spec.data.dataset is None and spec.data.train is None:
-            raise TunelabError(f"config: set {key}.data.dataset (a built-in set) or {key}.data.train (a file)")
-        if not spec.weight > 0:
-            raise TunelabError(f"config key '{key}.weight': {spec.weight!r} must be > 0")
-        if spec.max_length is not None and spec.max_length < 8:
-            raise TunelabError(f"config key '{key}.max_length': {spec.max_length!r} is out of range")
+            raise _fail(sources, key, f"config: set {key}.data.dataset (a built-in set) or {key}.data.train "
+                        "(a file)")
     if cfg.tune.method not in MULTITASK_METHODS:
-        raise TunelabError(f"config key 'tune.method': multi-task runs take {', '.join(MULTITASK_METHODS)} "
-                           f"(lora = one adapter per task), not {cfg.tune.method}")
+        raise _fail(sources, "tune.method", f"config key 'tune.method': multi-task runs take "
+                    f"{', '.join(MULTITASK_METHODS)} (lora = one adapter per task), not {cfg.tune.method}")
     if cfg.tune.merge:
-        raise TunelabError("config key 'tune.merge': a multi-task folder keeps its per-task adapters; "
-                           "`tunelab export DIR --task NAME OUT` writes one task merged into a plain model")
+        raise _fail(sources, "tune.merge", "config key 'tune.merge': a multi-task folder keeps its per-task "
+                    "adapters; `tunelab export DIR --task NAME OUT` writes one task merged into a plain model")
     if m.weighting == "pcgrad" and m.mix != "all":
-        raise TunelabError("config key 'multitask.weighting': pcgrad compares the tasks' gradients within a "
-                           "step, so it needs multitask.mix=all (one batch of every task per step)")
+        raise _fail(sources, "multitask.weighting", "config key 'multitask.weighting': pcgrad compares the "
+                    "tasks' gradients within a step, so it needs multitask.mix=all (one batch of every task per "
+                    "step)")
     if m.select != "mean" and m.select not in cfg.tasks:
-        raise TunelabError(f"config key 'multitask.select': {m.select!r} is neither 'mean' nor a task name "
-                           f"({', '.join(cfg.tasks)})")
-    if m.temperature <= 0 or not 0 < m.anneal_min <= 1:
-        raise TunelabError("config keys 'multitask.temperature' (> 0) and 'multitask.anneal_min' (0 < x <= 1) "
-                           "are out of range")
+        raise _fail(sources, "multitask.select", f"config key 'multitask.select': {m.select!r} is neither "
+                    f"'mean' nor a task name ({', '.join(cfg.tasks)})")
     if m.train_backbone and cfg.tune.method != "lora":
-        raise TunelabError("config key 'multitask.train_backbone' applies to tune.method=lora (per-task "
-                           "adapters); with full tuning the backbone always trains")
+        raise _fail(sources, "multitask.train_backbone", "config key 'multitask.train_backbone' applies to "
+                    "tune.method=lora (per-task adapters); with full tuning the backbone always trains")
 
 
-RL_METHODS = ("full", "lora")  # lora: the reference is the same weights with the adapter off
-
-
-def _validate_rl(cfg: RunConfig):
+def _validate_rl(cfg: RunConfig, sources: dict):
     r = cfg.rl
     if cfg.data.dataset is None and cfg.data.train is None:
         raise TunelabError("config: set data.dataset (a built-in set of prompts) or data.train (a file with a "
@@ -324,28 +385,18 @@ def _validate_rl(cfg: RunConfig):
         raise TunelabError("config key 'rl.rewards': name at least one reward with its weight, e.g. "
                            "rl.rewards.rouge_l=1 (bleu, rouge_l, classifier, length, repetition, module:function)")
     if cfg.tune.method not in RL_METHODS:
-        raise TunelabError(f"config key 'tune.method': RL trains {' or '.join(RL_METHODS)}, not {cfg.tune.method}")
+        raise _fail(sources, "tune.method", f"config key 'tune.method': RL trains {' or '.join(RL_METHODS)}, "
+                    f"not {cfg.tune.method}")
     if "classifier" in r.rewards and not (r.classifier and r.classifier_label):
-        raise TunelabError("config keys 'rl.classifier' and 'rl.classifier_label': the classifier reward needs a "
-                           "tunelab classification folder and the label whose probability it rewards")
-    checks = [("rl.steps", r.steps > 0), ("rl.lr", r.lr > 0), ("rl.prompts_per_step", r.prompts_per_step > 0),
-              ("rl.samples_per_prompt", r.samples_per_prompt > 0), ("rl.micro_batch", r.micro_batch > 0),
-              ("rl.temperature", r.temperature > 0), ("rl.top_p", 0 < r.top_p <= 1),
-              ("rl.max_new_tokens", r.max_new_tokens > 0), ("rl.baseline_decay", 0 <= r.baseline_decay < 1),
-              ("rl.ppo_epochs", r.ppo_epochs > 0), ("rl.clip", 0 < r.clip < 1), ("rl.kl_coef", r.kl_coef >= 0),
-              ("rl.kl_target", r.kl_target is None or r.kl_target > 0), ("rl.kl_horizon", r.kl_horizon > 0),
-              ("rl.entropy_coef", r.entropy_coef >= 0), ("rl.target_words", r.target_words > 0),
-              ("rl.eval_every", r.eval_every >= 0), ("rl.eval_prompts", r.eval_prompts > 0),
-              ("rl.save_every", r.save_every > 0), ("rl.warmup_steps", r.warmup_steps >= 0)]
-    for key, ok in checks:
-        if not ok:
-            raise TunelabError(f"config key {key!r}: {getattr(r, key.split('.')[1])!r} is out of range")
-    if r.estimator in ("rloo",) and r.samples_per_prompt < 2:
-        raise TunelabError("config key 'rl.samples_per_prompt': rloo's leave-one-out baseline needs at least 2 "
-                           "samples per prompt")
+        raise _fail(sources, "rl.rewards.classifier", "config keys 'rl.classifier' and 'rl.classifier_label': "
+                    "the classifier reward needs a tunelab classification folder and the label whose probability "
+                    "it rewards")
+    if r.estimator == "rloo" and r.samples_per_prompt < 2:
+        raise _fail(sources, "rl.samples_per_prompt", "config key 'rl.samples_per_prompt': rloo's leave-one-out "
+                    "baseline needs at least 2 samples per prompt")
     if r.kl_target is not None and r.kl_coef == 0:
-        raise TunelabError("config key 'rl.kl_target': an adaptive KL coefficient must start above 0 "
-                           "(set rl.kl_coef)")
+        raise _fail(sources, "rl.kl_target", "config key 'rl.kl_target': an adaptive KL coefficient must start "
+                    "above 0 (set rl.kl_coef)")
 
 
 def parse_override(arg: str) -> tuple[list[str], object]:
@@ -375,19 +426,20 @@ def _wants_text(cfg, keys: list[str]) -> bool:
 def load_config(path=None, overrides=(), base: dict | None = None) -> RunConfig:
     """RunConfig from an optional YAML file, an optional dict, then `key.sub=value` overrides."""
     cfg = RunConfig()
+    sources = {}  # key -> where its value came from ('recipe.yaml:7', "override 'train.lr=0'")
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise TunelabError(f"{path}: no such recipe file")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values, lines = _read_recipe(path)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
             raise TunelabError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        _fill(cfg, values, "", str(path))
+        _fill(cfg, values, "", str(path), lines, sources)
     if base:
-        _fill(cfg, base, "", "config")
+        _fill(cfg, base, "", "config", {}, sources)
     for arg in overrides:
         keys, value = parse_override(arg)
         if not isinstance(value, str) and value is not None and _wants_text(cfg, keys):
@@ -395,8 +447,8 @@ def load_config(path=None, overrides=(), base: dict | None = None) -> RunConfig:
         nested = value
         for k in reversed(keys):
             nested = {k: nested}
-        _fill(cfg, nested, "", f"override {arg!r}")
-    _validate(cfg)
+        _fill(cfg, nested, "", f"override {arg!r}", {}, sources)
+    _validate(cfg, sources)
     return cfg
 
 

@@ -15,31 +15,18 @@ What a recipe does with it, and why:
   DDP *averages* gradients over ranks, which would give every rank's mean the same weight however many
   tokens it had; `loss_weight` scales rank r's loss by W * n_r / N (n_r its label units, N the global
   batch's), so the averaged gradient is that of the mean over the whole global batch, as on one process.
-- Evaluation (`shard`/`gather` in tunelab.predict): the inference batches are the single-process ones; rank r
+- Evaluation (`shard`/`gather` in tunelab.inference): the inference batches are the single-process ones; rank r
   runs batches r, r+W, ... and every rank gathers all outputs by position, then scores the full ordered set:
   no example dropped or counted twice at an uneven end, and metrics equal to one process's.
 - Logging, progress bars, tracking, checkpoints and the model folder: the main process only (`is_main`).
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from tunelab.errors import TunelabError
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main() -> bool:
-    """The process that logs and writes; decided from the launcher's environment, so usable anywhere."""
-    return rank() == 0
+from tunelab.runtime import is_main, pick_device, rank, world_size  # noqa: F401 (the launcher's view, re-exported)
 
 
 @dataclass
@@ -141,8 +128,6 @@ def start(device_name: str, find_unused: bool = False) -> Dist:
     """Join the launched process group (or not, on one process) and say which device this rank uses.
 
     find_unused: DDP tolerates parameters that take no part in a step (multi-task heads of other tasks)."""
-    from tunelab.predict import pick_device
-
     if world_size() == 1:
         return Dist(device=pick_device(device_name))
     from accelerate import Accelerator

@@ -44,15 +44,15 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
     exported as an encoder or when onnxruntime's logits differ from PyTorch's by more than `atol`."""
     ort = _onnxruntime()
     from tunelab.data.examples import TextExample
-    from tunelab.predict import Predictor, feature_logits, text_examples
+    from tunelab.inference import feature_logits
+    from tunelab.predict import Predictor
 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise TunelabError(f"{output} already exists and is not an empty folder; choose a new output folder")
     pred = Predictor(model_dir, device)
-    info = pred.task_meta(task)
-    kind = info["task"]
-    if kind == "generate":
+    t = pred.task_for(task=task)
+    if t.new_tokens_bound is not None:
         raise TunelabError(f"{model_dir}: a generation model; ONNX export covers encoder models (NER, "
                            "classification) only: generating text needs a decoding loop with a key/value cache, "
                            "which one exported graph does not hold. Serve it with `tunelab serve` or load the "
@@ -60,11 +60,11 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
     if pred.meta.get("adapter") and pred.meta.get("tune") in ("prompt", "prefix"):
         raise TunelabError(f"{model_dir}: a {pred.meta['tune']}-tuning adapter cannot be merged into the weights, "
                            "so it has no plain model to export; train with tune.method lora, ia3 or full")
-    t, model = pred.use(task=task)
+    model = pred.use(task=task)[1]
     plain = _plain_model(pred, model, task).to(pred.device)
 
     texts = texts or CHECK_TEXTS
-    examples, _ = text_examples(kind, [TextExample(x, None, "<check>", i + 1) for i, x in enumerate(texts)])
+    examples, _ = t.text_examples([TextExample(x, None, "<check>", i + 1) for i, x in enumerate(texts)])
     features = t.encode(examples, training=False)
     if len(features) < 2:
         raise TunelabError("the parity check needs at least 2 inputs; give more texts with --check-data")
@@ -89,9 +89,9 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
         plain.config.save_pretrained(str(tmp))
         t.tokenizer.save_pretrained(str(tmp))
         doc = {
-            "task": kind, "labels": list(t.labels), "max_length": t.max_length,
+            "task": t.kind, "labels": list(t.labels), "max_length": t.max_length,
             "inputs": {"input_ids": "int64 (batch, sequence)", "attention_mask": "int64 (batch, sequence)"},
-            "outputs": {"logits": "float32 (batch, sequence, labels)" if kind == "ner" else
+            "outputs": {"logits": "float32 (batch, sequence, labels)" if t.token_level else
                         "float32 (batch, labels)"},
             "opset": OPSET, "parity": parity,
             "exported_from": {"folder": str(Path(model_dir).resolve()), "task": task,

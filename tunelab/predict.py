@@ -1,154 +1,45 @@
-"""The one path from examples to predictions, shared by the training recipe's evaluation, `tunelab eval`,
-`tunelab predict` and the server: encode -> length-sorted batches -> forward -> decode."""
+"""A saved tunelab model folder, ready to predict: `Predictor` loads it (single-task, adapter or multi-task),
+picks the task (and adapter) a call asks for, and hands the examples to that task's own predict/evaluate
+(tunelab.tasks). `tunelab eval`, `tunelab predict`, the server and the RL classifier reward all go
+through it, so text -> output is one path.
+
+The module-level functions below are the task-level calls under the names tunelab has always offered them.
+"""
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 
-from tunelab import progress
-from tunelab.data.batching import collate, eval_batches
-from tunelab.errors import TunelabError, where
-
-META_FILE = "tunelab.json"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TunelabError(f"train.device={name}: CUDA is not available on this machine; use cpu or auto")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Dropout off for inference, and the model's previous mode back afterwards (dev evaluation runs in the
-    middle of training)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def inference_batches(features: list[dict], batch_size: int, desc: str | None, dist=None):
-    """(position, feature indices) of length-sorted batches, with a progress bar when `desc` is given.
-
-    dist (tunelab.distributed.Dist): a distributed run's evaluation; this rank gets every world-th batch
-    of the very batches one process would run (so its outputs are the same), to be gathered by position."""
-    batches = list(enumerate(eval_batches([len(f["input_ids"]) for f in features], batch_size)))
-    if dist is not None and dist.world > 1:
-        batches = batches[dist.rank::dist.world]
-    return progress.bar(iterable=batches, desc=desc, disable=desc is None, leave=False, unit="batch")
-
-
-@torch.inference_mode()
-def feature_logits(model, features: list[dict], pad_id: int, device, bf16=False, batch_size=64,
-                   desc: str | None = None, dist=None) -> list:
-    """Logits per feature, as float32 numpy: (seq, labels) trimmed to the feature's length, or (labels,).
-    dist: computed across a distributed run's ranks and gathered, every feature's logits on every rank."""
-    out = {}
-    with eval_mode(model):
-        for _, idx in inference_batches(features, batch_size, desc, dist):
-            batch = collate([features[i] for i in idx], pad_id)
-            with autocast(device, bf16):
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
-            logits = logits.float().cpu().numpy()
-            for row, i in enumerate(idx):
-                out[i] = logits[row, : len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row]
-    if dist is not None:
-        out = dist.gather(out)
-    return [out[i] for i in range(len(features))]
+from tunelab.errors import TunelabError
+from tunelab.inference import feature_logits, inference_batches  # noqa: F401 (public names)
+from tunelab.runtime import autocast, eval_mode, pick_device  # noqa: F401 (public names)
+from tunelab.train.run import META_FILE, read_meta  # noqa: F401 (public names)
 
 
 def predict(task, model, examples: list, device, bf16=False, batch_size=64, desc=None,
             max_new_tokens: int | None = None, dist=None) -> list:
-    """Per example: NER (tags, scores), classification (label, probabilities), generation: the output text
-    (of at most `max_new_tokens` tokens; None: the task's own bound; only generation takes it)."""
-    if task.kind == "generate":
-        return task.generate(model, examples, device, bf16, min(batch_size, 16), desc, max_new_tokens)
-    if max_new_tokens is not None:
-        raise ValueError(f"max_new_tokens is for generation; this task is {task.kind}")
-    features = task.encode(examples, training=False)
-    logits = feature_logits(model, features, task.pad, device, bf16, batch_size, desc, dist)
-    return task.decode(features, logits, len(examples))
+    """Per example: NER (tags, scores), classification (label, probabilities), generation: the output text."""
+    return task.predict(model, examples, device, bf16, batch_size, desc, max_new_tokens, dist)
 
 
 def evaluate(task, model, examples: list, device, bf16=False, batch_size=64, desc=None, dist=None) -> dict:
-    """Metrics against the examples' gold labels or references; `main` is what model selection maximises.
-    dist: a distributed run's ranks share the forward passes; every rank gets the metrics of all examples."""
-    if task.kind == "generate":
-        return task.evaluate(model, examples, device, bf16, min(batch_size, 16), desc, dist)
-    return task.metrics(examples, predict(task, model, examples, device, bf16, batch_size, desc, dist=dist))
+    """Metrics against the examples' gold labels or references; `main` is what model selection maximises."""
+    return task.evaluate(model, examples, device, bf16, batch_size, desc, dist)
 
 
 def text_examples(kind: str, texts: list) -> tuple[list, list | None]:
-    """Raw texts (TextExample, label None) as the examples of a task of kind `kind`, and for NER the
-    character offsets: offsets[i] = (text, [(start, end) of each word]). A text is its own document, so
-    unrelated texts never serve as each other's context."""
-    from tunelab.data.examples import GenExample, Sentence
-    from tunelab.tasks.ner import split_words
+    """Raw texts (TextExample) as the examples of a task of kind `kind` (tunelab.tasks.Task.text_examples)."""
+    from tunelab.tasks import task_type
 
-    if kind == "generate":
-        return [GenExample(t.text, None, t.source, t.line) for t in texts], None
-    if kind != "ner":
-        return list(texts), None
-    examples, offsets = [], []
-    for t in texts:
-        words, offs = split_words(t.text)
-        if not words:
-            raise TunelabError(f"{where(t.source, t.line)}: no words in this text")
-        examples.append(Sentence(words, None, len(examples), t.source, t.line))
-        offsets.append((t.text, offs))
-    return examples, offsets
+    return task_type(kind).text_examples(texts)
 
 
 def prediction_records(kind: str, labels: list[str], examples: list, predictions: list, offsets=None):
-    """One JSON-ready record per example, as `tunelab predict` writes them and the server returns them.
+    """One JSON-ready record per example (tunelab.tasks.Task.records)."""
+    from tunelab.tasks import task_type
 
-    NER: text (raw input only), tokens, tags and entities (type, score = mean word score, text, and character
-    start/end into the raw text, or first/last word for pre-split input); classification: text, label,
-    score and probabilities by label name; generation: prompt, output (and the reference when there is one)."""
-    from tunelab.tasks.ner import entity_spans
-
-    for i, (ex, p) in enumerate(zip(examples, predictions)):
-        if kind == "generate":
-            yield {"prompt": ex.prompt, "output": p} | ({"reference": ex.target} if ex.target is not None else {})
-            continue
-        if kind == "classify":
-            label, probs = p
-            yield {"text": ex.text, "label": label, "score": max(probs), "probabilities": dict(zip(labels, probs))}
-            continue
-        tags, scores = p
-        ents = []
-        for etype, s, e in entity_spans(tags):
-            ent = {"type": etype, "score": sum(scores[s:e]) / (e - s)}
-            if offsets is not None:
-                text, offs = offsets[i]
-                ent.update(text=text[offs[s][0]:offs[e - 1][1]], start=offs[s][0], end=offs[e - 1][1])
-            else:
-                ent.update(text=" ".join(ex.words[s:e]), first_word=s, last_word=e - 1)
-            ents.append(ent)
-        rec = {"text": offsets[i][0]} if offsets is not None else {}
-        rec.update(tokens=ex.words, tags=tags, entities=ents)
-        yield rec
-
-
-def read_meta(folder: Path) -> dict:
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        raise TunelabError(f"{folder}: not a tunelab model folder (no {META_FILE}); train one with `tunelab train`")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return task_type(kind).records(labels, examples, predictions, offsets)
 
 
 class Predictor:
@@ -198,25 +89,24 @@ class Predictor:
     @staticmethod
     def _task(folder, meta):
         from tunelab.models import load_tokenizer
-        from tunelab.tasks import make_task
+        from tunelab.tasks import task_from_meta
 
-        return make_task(meta["task"], load_tokenizer(folder), meta["labels"], meta["max_length"],
-                         meta.get("context_sentences", 0), **meta.get("generation", {}))
+        return task_from_meta(meta, load_tokenizer(folder))
 
     def _load_model(self):
         from transformers import AutoConfig
 
-        from tunelab.models import load_model, model_class, quiet_transformers, resolve_model_path
+        from tunelab.models import load_model, quiet_transformers, resolve_model_path
 
         quiet_transformers()
         if not self.meta.get("adapter"):
-            cls = model_class(self.meta["task"], AutoConfig.from_pretrained(str(self.dir)))
+            cls = self.task.model_class(AutoConfig.from_pretrained(str(self.dir)))
             return cls.from_pretrained(str(self.dir), use_safetensors=True)
         from peft import PeftModel
 
         base = load_model(resolve_model_path(self.meta["base_model"]), self.meta["task"], self.meta["labels"])
         model = PeftModel.from_pretrained(base, str(self.dir), adapter_name="default")
-        if self.meta["tune"] == "prompt" and self.meta["task"] == "ner":
+        if self.meta["tune"] == "prompt" and self.task.token_level:
             from tunelab.peft import shift_token_outputs
 
             shift_token_outputs(model, self.meta["virtual_tokens"])
@@ -247,11 +137,14 @@ class Predictor:
     def predict(self, examples: list, desc=None, adapter: str | None = None, task: str | None = None,
                 max_new_tokens: int | None = None) -> list:
         t, model = self.use(adapter, task)
-        return predict(t, model, examples, self.device, self.bf16, self.batch_size, desc, max_new_tokens)
+        return t.predict(model, examples, self.device, self.bf16, self.batch_size, desc, max_new_tokens)
 
-    def evaluate(self, examples: list, desc=None, adapter: str | None = None, task: str | None = None) -> dict:
+    def evaluate(self, examples: list, desc=None, adapter: str | None = None, task: str | None = None,
+                 predictions: list | None = None) -> dict:
+        """Metrics on labelled examples; `predictions` already made by `predict` are scored as they are where
+        the task's metrics come from predictions (NER, classification), instead of predicting again."""
         t, model = self.use(adapter, task)
-        return evaluate(t, model, examples, self.device, self.bf16, self.batch_size, desc)
+        return t.evaluate(model, examples, self.device, self.bf16, self.batch_size, desc, predictions=predictions)
 
     def metrics(self, examples: list, predictions: list, task: str | None = None) -> dict:
         """Metrics of predictions already made (NER, classification)."""

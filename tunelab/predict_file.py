@@ -63,20 +63,18 @@ def predict_file(predictor, open_inputs: Callable[[], Iterable], output: str | N
 
     on_error="fail": any bad line raises TunelabError before anything is predicted or written.
     on_error="skip": bad lines are reported and left out."""
-    from tunelab.predict import prediction_records, text_examples
-
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be fail or skip, not {on_error!r}")
     if chunk_size < 1:
         raise TunelabError("--chunk-size must be at least 1")
     warn = warn or (lambda message: print(f"tunelab: warning: {message}", file=sys.stderr))
     info = predictor.task_meta(task)
-    kind, labels = info["task"], info["labels"]
+    t = predictor.task_for(task=task)
     if max_new_tokens is not None:
-        bound = info.get("generation", {}).get("max_target_length")
-        if kind != "generate":
-            raise TunelabError(f"--max-new-tokens is for generation; this model's task is {kind}")
-        if max_new_tokens < 1 or (bound is not None and max_new_tokens > bound):
+        bound = t.new_tokens_bound
+        if bound is None:
+            raise TunelabError(f"--max-new-tokens is for generation; this model's task is {t.kind}")
+        if not 1 <= max_new_tokens <= bound:
             raise TunelabError(f"--max-new-tokens {max_new_tokens}: must be between 1 and the model's "
                                f"max_target_length ({bound})")
 
@@ -95,7 +93,7 @@ def predict_file(predictor, open_inputs: Callable[[], Iterable], output: str | N
         raise TunelabError("no examples to predict" + (" (every line is bad)" if summary.bad_count else
                                                        " (empty input?)"))
 
-    conll = output is not None and str(output).endswith(".conll") and kind == "ner"
+    conll = output is not None and str(output).endswith(".conll") and "conll" in t.outputs
     # A model that reads neighbouring sentences gets the same neighbours as in one call: cut between documents.
     group = _document if info.get("context_sentences", 0) else None
     good = (item for item in open_inputs() if not isinstance(item, BadLine))
@@ -104,18 +102,16 @@ def predict_file(predictor, open_inputs: Callable[[], Iterable], output: str | N
         doc = None
         for chunk in chunks(good, chunk_size, group):
             if isinstance(chunk[0], TextExample):  # raw text (prompts, texts to classify, text to split)
-                examples, offsets = text_examples(kind, chunk)
+                examples, offsets = t.text_examples(chunk)
             else:
                 examples, offsets = chunk, None
             predictions = predictor.predict(examples, task=task, max_new_tokens=max_new_tokens)
             if conll:
-                from tunelab.data.conll import conll_columns
-
-                text, doc = conll_columns(examples, [p[0] for p in predictions], doc)
+                text, doc = t.conll(examples, predictions, doc)
                 out.write(text)
             else:
                 out.write("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                  for r in prediction_records(kind, labels, examples, predictions, offsets)))
+                                  for r in t.records(t.labels, examples, predictions, offsets)))
             bar.update(len(chunk))
     if summary.bad_count:
         where = summary.bad[0].source

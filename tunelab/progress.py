@@ -4,7 +4,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from tunelab import distributed
+from tunelab.runtime import is_main
 
 
 def bar(**kwargs):
@@ -12,5 +12,5 @@ def bar(**kwargs):
     kwargs.setdefault("mininterval", 0.1 if interactive else 30.0)
     kwargs.setdefault("dynamic_ncols", True)
     # One bar for a distributed run: the other processes count the same steps.
-    kwargs["disable"] = kwargs.get("disable", False) or not distributed.is_main()
+    kwargs["disable"] = kwargs.get("disable", False) or not is_main()
     return tqdm(file=sys.stderr, **kwargs)

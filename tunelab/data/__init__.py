@@ -1,54 +1,29 @@
 """Reading task data: built-in sets, files (CoNLL, JSONL, CSV), in-memory lists and `datasets` objects."""
 
-from pathlib import Path
-
-from tunelab.data.conll import read_conll
 from tunelab.data.examples import GenExample, Sentence, TextExample
+from tunelab.data.kinds import NOUNS, Fields, file_format, open_reader
 from tunelab.data.packaged import Splits, load_builtin
+from tunelab.data.readers import collect
 from tunelab.data.tags import to_iob2
-from tunelab.data.text import read_csv, read_jsonl, read_jsonl_sentences, read_lines
 from tunelab.errors import TunelabError
 
-__all__ = ["Sentence", "TextExample", "GenExample", "Splits", "load_builtin", "read_file", "load_splits", "from_records",
-           "from_hf_dataset", "check_labels", "check_known_labels"]
-
-
-def file_format(path, fmt: str | None) -> str:
-    if fmt:
-        return fmt
-    suffix = Path(path).suffix.lower()
-    for name, suffixes in {"conll": (".conll", ".txt", ".iob", ".bio", ".tsv_ner"), "jsonl": (".jsonl", ".json"),
-                           "csv": (".csv", ".tsv")}.items():
-        if suffix in suffixes:
-            return name
-    raise TunelabError(f"{path}: cannot tell the format from the extension {suffix!r}; set data.format "
-                       "(conll, jsonl or csv)")
+__all__ = ["Sentence", "TextExample", "GenExample", "Splits", "load_builtin", "read_file", "file_format", "load_splits",
+           "from_records", "from_hf_dataset", "check_labels", "check_known_labels"]
 
 
 def read_file(path, task: str, fmt: str | None = None, labelled: bool = True, *, text_field="text",
               label_field="label", tokens_field="tokens", tags_field="tags", tag_column=-1, tag_scheme="iob2",
-              prompt_field="prompt", target_field="target"):
+              prompt_field="prompt", target_field="target") -> list:
+    """Every example of a file for task kind `task` (ner -> Sentence, classify -> TextExample, generate ->
+    GenExample), read at once; the first bad line is a TunelabError naming file:line. Which formats a kind
+    reads, and with which fields: tunelab.data.kinds."""
     fmt = file_format(path, fmt)
-    if task == "generate":
-        if fmt not in ("jsonl", "csv"):
-            raise TunelabError(f"{path}: generation data must be JSONL or CSV with {prompt_field!r} and "
-                               f"{target_field!r} fields")
-        reader = read_jsonl if fmt == "jsonl" else read_csv
-        return [GenExample(e.text, e.label, e.source, e.line)
-                for e in reader(path, prompt_field, target_field, labelled, free_text=True)]
-    if task == "ner":
-        if fmt == "conll":
-            return read_conll(path, tag_column, tag_scheme, labelled)
-        if fmt == "jsonl":
-            return read_jsonl_sentences(path, tokens_field, tags_field, labelled, tag_scheme)
-        raise TunelabError(f"{path}: NER data must be CoNLL columns or JSONL with {tokens_field!r}/{tags_field!r}")
-    if fmt == "jsonl":
-        return read_jsonl(path, text_field, label_field, labelled)
-    if fmt == "csv":
-        return read_csv(path, text_field, label_field, labelled)
-    if not labelled:
-        return read_lines(path)
-    raise TunelabError(f"{path}: classification data must be JSONL or CSV with {text_field!r} and {label_field!r}")
+    fields = Fields(text_field, label_field, tokens_field, tags_field, tag_column, tag_scheme, prompt_field,
+                    target_field)
+    examples = collect(open_reader(path, task, fmt, labelled, fields), path, NOUNS.get(fmt, "examples"))
+    if task == "generate":  # the readers' TextExample(text, label) holds the prompt and the target
+        return [GenExample(e.text, e.label, e.source, e.line) for e in examples]
+    return examples
 
 
 def load_splits(data, task: str) -> Splits:

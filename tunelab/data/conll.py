@@ -1,79 +1,17 @@
 """CoNLL column files: one token a line, columns separated by whitespace, blank line between sentences,
 `-DOCSTART-` lines between documents. The word is the first column; the tag column is chosen (default last)."""
 
-from pathlib import Path
-
 from tunelab.data.examples import Sentence
-from tunelab.data.tags import to_iob2
-from tunelab.errors import TunelabError, where
+from tunelab.data.readers import collect, conll_sentences
 
 
 def read_conll(path, tag_column: int = -1, scheme: str = "iob2", labelled: bool = True) -> list[Sentence]:
-    """Read a CoNLL file into sentences with IOB2 tags.
+    """Read a CoNLL file into sentences with IOB2 tags, at once (the first bad line is a TunelabError).
 
     `tag_column`: index of the tag column (negative counts from the end). With `labelled=False` a file of
     one word a line (or words with extra columns) is read without tags.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise TunelabError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise TunelabError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert the file to UTF-8") from None
-    sentences: list[Sentence] = []
-    words: list[str] = []
-    tags: list[str] = []
-    start = None
-    doc = 0
-    ncols = None
-
-    def close():
-        nonlocal words, tags, start
-        if words:
-            if labelled:
-                try:
-                    iob2 = to_iob2(tags, scheme)
-                except ValueError as e:
-                    raise TunelabError(f"{where(path, start)}: sentence starting here: {e}") from None
-            sentences.append(Sentence(words, iob2 if labelled else None, doc, str(path), start))
-        words, tags, start = [], [], None
-
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            close()
-            continue
-        cols = line.split()
-        if cols[0] == "-DOCSTART-":
-            close()
-            if sentences:
-                doc += 1
-            continue
-        if labelled:
-            if len(cols) < 2:
-                raise TunelabError(
-                    f"{where(path, lineno)}: expected a word and a tag separated by whitespace, got {raw!r}"
-                )
-            if ncols is None:
-                ncols = len(cols)
-            elif len(cols) != ncols:
-                raise TunelabError(
-                    f"{where(path, lineno)}: {len(cols)} columns where earlier lines have {ncols}; "
-                    "every token line needs the same columns"
-                )
-            try:
-                tag = cols[tag_column]
-            except IndexError:
-                raise TunelabError(f"{where(path, lineno)}: no column {tag_column} in {raw!r}") from None
-            tags.append(tag)
-        if start is None:
-            start = lineno
-        words.append(cols[0])
-    close()
-    if not sentences:
-        raise TunelabError(f"{path}: no sentences found (empty file?)")
-    return sentences
+    return collect(conll_sentences(path, tag_column if labelled else None, scheme), path, "sentences")
 
 
 def write_conll(path, sentences: list[Sentence], predictions: list[list[str]]) -> None:

@@ -63,14 +63,28 @@ def load_tokenizer(path, trust_remote_code=False):
     return tok
 
 
-def model_class(task: str, config):
-    """The transformers Auto class for a task; generation picks decoder-only or encoder-decoder."""
-    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                              AutoModelForTokenClassification)
+def check_coverage(features, tokenizer, model_name, max_share, warn=None) -> None:
+    """A tokenizer whose vocabulary lacks the data's script turns it into [UNK]: training would 'work' and
+    learn next to nothing. Say so before spending the compute (`warn(message)` for a large, allowed share)."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return
+    total = sum(len(f["input_ids"]) for f in features)
+    share = sum(t == unk for f in features for t in f["input_ids"]) / max(1, total)
+    if share > max_share:
+        raise TunelabError(f"model {model_name}: its tokenizer reads {share:.0%} of the training tokens as "
+                           f"{tokenizer.unk_token} (limit model.max_unk_share={max_share}); it cannot read this "
+                           "data. Use a model whose vocabulary covers the text's script (model.name=FOLDER), or "
+                           "set model.max_unk_share=1 to train anyway")
+    if share > 0.05 and warn is not None:
+        warn(f"warning: {share:.1%} of the training tokens are {tokenizer.unk_token} for this tokenizer")
 
-    if task == "generate":
-        return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
+
+def model_class(task: str, config):
+    """The transformers Auto class for a task of kind `task` on a backbone with this config."""
+    from tunelab.tasks import task_type
+
+    return task_type(task).model_class(config)
 
 
 def set_dropout(config, dropout) -> None:
@@ -89,16 +103,15 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
     (causal LM or encoder-decoder), from safetensors weights."""
     from transformers import AutoConfig
 
+    from tunelab.tasks import task_type
+
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if task != "generate":
-        config.num_labels = len(labels)
-        config.id2label = dict(enumerate(labels))
-        config.label2id = {label: i for i, label in enumerate(labels)}
+    kind = task_type(task)
+    kind.configure(config, labels)
     set_dropout(config, dropout)
-    cls = model_class(task, config)
-    head = {"ner": "token-classification", "classify": "sequence-classification"}.get(task, "generation")
+    cls = kind.model_class(config)
     if type(config) not in cls._model_mapping:
-        raise TunelabError(f"model {path}: transformers has no {head} head for model type {config.model_type!r}, "
+        raise TunelabError(f"model {path}: transformers has no {kind.head} head for model type {config.model_type!r}, "
                            f"so it cannot be used for task={task}; choose another model")
     quiet_transformers()
     try:

@@ -13,9 +13,6 @@ import torch
 
 from tunelab.errors import TunelabError
 
-# Which task model donates its backbone: a causal LM's head is tied to the backbone's embeddings, and a
-# sequence classifier's backbone may carry a pooler that a token classifier's lacks (BERT).
-DONOR_ORDER = ("generate", "classify", "ner")
 
 
 class MultiTaskModel(torch.nn.Module):
@@ -46,18 +43,21 @@ def build(path, tasks: dict, dropout=None, pretrained=True, trust_remote_code=Fa
     lack one (a decoder's sequence classifier finds each text's last token by it)."""
     from transformers import AutoConfig
 
-    from tunelab.models import load_model, model_class, quiet_transformers, set_dropout
+    from tunelab.models import load_model, quiet_transformers, set_dropout
+    from tunelab.tasks import task_type
 
     quiet_transformers()
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if config.is_encoder_decoder:
         raise TunelabError(f"model {path}: multi-task training shares one encoder or decoder stack; "
                            f"encoder-decoder models ({config.model_type}) are not supported")
-    if any(kind == "generate" for kind, _ in tasks.values()) and not _is_decoder(config):
+    if any(task_type(kind).decoder_only for kind, _ in tasks.values()) and not _is_decoder(config):
         raise TunelabError(f"model {path}: a generation task needs a decoder (causal LM) backbone, and "
                            f"{config.model_type} ({', '.join(config.architectures or ['?'])}) is an encoder; "
                            "use a causal LM such as SmolLM2-135M-Instruct, or drop the generation task")
-    order = sorted(tasks, key=lambda n: DONOR_ORDER.index(tasks[n][0]))
+    # Which task model donates its backbone (Task.donor_rank): a causal LM's head is tied to the backbone's
+    # embeddings, and a sequence classifier's backbone may carry a pooler that a token classifier's lacks (BERT).
+    order = sorted(tasks, key=lambda n: task_type(tasks[n][0]).donor_rank)
     heads = {}
     for name in order:
         kind, labels = tasks[name]
@@ -65,11 +65,9 @@ def build(path, tasks: dict, dropout=None, pretrained=True, trust_remote_code=Fa
             m = load_model(path, kind, labels, dropout, trust_remote_code)
         else:
             cfg = config.__class__.from_dict(config.to_dict())
-            if kind != "generate":
-                cfg.num_labels, cfg.id2label = len(labels), dict(enumerate(labels))
-                cfg.label2id = {label: i for i, label in enumerate(labels)}
+            task_type(kind).configure(cfg, labels)
             set_dropout(cfg, dropout)
-            m = model_class(kind, cfg).from_config(cfg)
+            m = task_type(kind).model_class(cfg).from_config(cfg)
         if m.config.pad_token_id is None and pad_id is not None:
             m.config.pad_token_id = pad_id
         heads[name] = m
@@ -209,7 +207,7 @@ def export(folder, meta: dict, task: str, output) -> None:
     from pathlib import Path
 
     from tunelab.models import load_tokenizer
-    from tunelab.train.supervised import publish
+    from tunelab.train.run import publish
 
     output = Path(output)
     if task not in meta["tasks"]:

@@ -8,7 +8,7 @@ import random
 
 from tunelab.data.batching import epoch_batches
 
-SAMPLINGS = ("proportional", "temperature", "round_robin", "annealed")
+from tunelab.config import SAMPLINGS  # one list, also multitask.sampling's choices (config loads without torch)
 
 
 def task_probabilities(sizes: dict[str, int], kind: str, temperature: float = 2.0, progress: float = 0.0,
@@ -46,16 +46,27 @@ def pick_task(names: list[str], probs: dict[str, float], kind: str, seed: int, d
 
 class TaskStream:
     """The k-th training batch of one task: its epochs follow each other, each shuffled and length-grouped
-    by `epoch_batches`, independently of how often the other tasks are drawn."""
+    by `epoch_batches`, independently of how often the other tasks are drawn.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_by_length
-        self.per_epoch = -(-len(lengths) // batch_size)
-        self._epoch, self._batches = None, None
+    data(seed, epoch) -> that epoch's features (the per-epoch data seam: the same encoded set every epoch by
+    default, or e.g. augmented copies); every epoch must hold `size` features, since the k-th batch's epoch
+    is k // batches-per-epoch."""
+
+    def __init__(self, data, size: int, batch_size: int, seed: int, group_by_length: bool, name: str = "task"):
+        self.data, self.size, self.batch_size, self.seed, self.group = data, size, batch_size, seed, group_by_length
+        self.name = name
+        self.per_epoch = -(-size // batch_size)
+        self._epoch, self._batches, self.features, self.lengths = None, None, None, None
 
     def batch(self, k: int) -> list[int]:
+        """Indices into self.features (the features of batch k's epoch, current after this call)."""
         epoch = k // self.per_epoch
         if epoch != self._epoch:
-            self._epoch = epoch
+            features = self.data(self.seed, epoch)
+            if len(features) != self.size:
+                raise ValueError(f"task {self.name}: epoch {epoch}'s data has {len(features)} features, not the "
+                                 f"{self.size} every epoch of a multi-task stream must have")
+            self._epoch, self.features = epoch, features
+            self.lengths = [len(f["input_ids"]) for f in features]
             self._batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch, self.group)
         return self._batches[k % self.per_epoch]

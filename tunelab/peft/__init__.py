@@ -14,12 +14,14 @@ import torch
 
 from tunelab.errors import TunelabError
 
-ADAPTERS = ("lora", "ia3", "prompt", "prefix")
+from tunelab.config import ADAPTERS  # the methods that train an adapter; one list, beside tune.method's choices
 
 
 def head_names(model, task: str) -> set[str]:
     """Top-level modules of a transformers task model that are the freshly initialised head."""
-    if task == "generate":
+    from tunelab.tasks import task_type
+
+    if not task_type(task).new_head:
         return set()
     prefix = model.base_model_prefix
     return {n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())}
@@ -58,9 +60,9 @@ def apply(model, tune, task: str, model_path=None):
 def _with_adapter(model, tune, task, heads, model_path):
     import peft
 
-    kind = {"ner": peft.TaskType.TOKEN_CLS, "classify": peft.TaskType.SEQ_CLS}.get(task)
-    if kind is None:
-        kind = peft.TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else peft.TaskType.CAUSAL_LM
+    from tunelab.tasks import task_type
+
+    kind = task_type(task).peft_type(model.config)
     save = sorted(heads) or None
     if tune.method in ("lora", "ia3"):
         defaults = (peft.utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING if tune.method == "lora" else
@@ -105,7 +107,7 @@ def _with_adapter(model, tune, task, heads, model_path):
         keep_input_dtype(wrapped)
     if tune.method == "prefix":
         _check_prefix(wrapped, model.config.model_type)
-    if tune.method == "prompt" and task == "ner":
+    if tune.method == "prompt" and task_type(task).token_level:
         shift_token_outputs(wrapped, tune.virtual_tokens)
     return wrapped
 

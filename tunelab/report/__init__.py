@@ -51,15 +51,11 @@ def samples_table(samples: list[dict]) -> str:
     return "\n".join(rows)
 
 
-MAIN = {"ner": "entity micro-F1", "classify": "macro-F1", "generate": "loss"}
-
-
-def _main(r: dict, m: dict) -> str:
-    return f"{m['loss']:.4f}" if r["task"] == "generate" else f"{m['main'] * 100:.2f}"
-
-
 def markdown(r: dict) -> str:
-    main = MAIN[r["task"]]
+    from tunelab.tasks import task_type
+
+    kind = task_type(r["task"])
+    main = kind.main_name
     lines = [f"# tunelab report: {r['task']} with {r['model']}", ""]
     if r.get("data"):
         lines += [f"Data: {r['data']}", ""]
@@ -69,10 +65,10 @@ def markdown(r: dict) -> str:
               f"{r['tokens_per_second']:.0f} real tokens/s, padding {r['padding_share'] * 100:.1f} % of batch slots.",
               ""]
     if r.get("dev"):
-        lines += [f"## Dev (selected checkpoint: step {r['best_step']}, {main} {_main(r, r['dev'])})", "",
+        lines += [f"## Dev (selected checkpoint: step {r['best_step']}, {main} {kind.format_main(r['dev'])})", "",
                   metrics_table(r["dev"]), ""]
     if r.get("test"):
-        lines += [f"## Test (evaluated once, on the selected checkpoint): {main} {_main(r, r['test'])}", "",
+        lines += [f"## Test (evaluated once, on the selected checkpoint): {main} {kind.format_main(r['test'])}", "",
                   metrics_table(r["test"]), ""]
     if r.get("tune"):
         t = r["tune"]
@@ -97,13 +93,14 @@ def plot_curves(path, r: dict) -> None:
     axes[0].set(title="training loss", xlabel="step", yscale="log")
     axes[1].plot(steps, [h["lr"] for h in hist])
     axes[1].set(title="learning rate", xlabel="step")
+    from tunelab.tasks import task_type
+
+    kind = task_type(r["task"])
     if r["evals"]:
-        sign = -1 if r["task"] == "generate" else 1  # generation selects on -loss: plot the loss itself
-        axes[2].plot([e["step"] for e in r["evals"]], [sign * e["dev"] for e in r["evals"]], marker="o")
+        axes[2].plot([e["step"] for e in r["evals"]], [kind.curve_value(e["dev"]) for e in r["evals"]], marker="o")
         if r.get("best_step"):
             axes[2].axvline(r["best_step"], color="grey", ls="--", lw=0.8)
-    axes[2].set(title="dev " + {"ner": "entity F1", "classify": "macro-F1", "generate": "loss"}[r["task"]],
-                xlabel="step")
+    axes[2].set(title=kind.curve_title, xlabel="step")
     fig.tight_layout()
     _save(fig, path)
 

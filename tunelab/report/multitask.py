@@ -4,9 +4,8 @@ training loss and dev score beside the aggregate that selects the checkpoint."""
 from pathlib import Path
 
 from tunelab.io import atomic_write_json, atomic_write_text
-from tunelab.report import MAIN, _save, metrics_table, samples_table
-
-SCORE = {"ner": "entity micro-F1", "classify": "macro-F1", "generate": "1/perplexity"}
+from tunelab.report import _save, metrics_table, samples_table
+from tunelab.tasks import task_type
 
 
 def write_report(out, report: dict) -> None:
@@ -17,7 +16,8 @@ def write_report(out, report: dict) -> None:
 
 
 def _main(kind: str, m: dict) -> str:
-    return f"loss {m['loss']:.4f}" if kind == "generate" else f"{MAIN[kind]} {m['main'] * 100:.2f}"
+    t = task_type(kind)
+    return f"{t.main_name} {t.format_main(m)}"
 
 
 def markdown(r: dict) -> str:
@@ -87,7 +87,7 @@ def plot_curves(path, r: dict) -> None:
         steps = [e["step"] for e in r["evals"]]
         for n, e in r["tasks"].items():
             axes[2].plot(steps, [ev["scores"].get(n) for ev in r["evals"]], marker=".", lw=0.9,
-                         label=f"{n} ({SCORE[e['task']]})")
+                         label=f"{n} ({task_type(e['task']).score_name})")
         axes[2].plot(steps, [ev["dev"] for ev in r["evals"]], color="black", lw=1.6, label=f"selection ({r['select']})")
         if r.get("best_step"):
             axes[2].axvline(r["best_step"], color="grey", ls="--", lw=0.8)

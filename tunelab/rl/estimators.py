@@ -12,7 +12,7 @@ a constant, with no bias towards short or long outputs, and the estimators are c
 
 import torch
 
-ESTIMATORS = ("reinforce", "rloo", "self_critical", "ppo")
+from tunelab.config import ESTIMATORS  # one list, also rl.estimator's choices (config loads without torch)
 
 
 def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tunelab.data.examples import GenExample
-from tunelab.predict import autocast
+from tunelab.runtime import autocast
 
 
 @dataclass

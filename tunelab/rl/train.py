@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import math
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,17 +25,16 @@ import torch
 from tunelab import peft as tuning
 from tunelab import progress, track
 from tunelab.data import load_splits
-from tunelab.distributed import world_size
 from tunelab.errors import TunelabError
 from tunelab.models import load_model, load_tokenizer, resolve_model_path
-from tunelab.predict import pick_device
+from tunelab.runtime import pick_device, world_size
 from tunelab.rl import estimators as est
 from tunelab.rl import rewards as rw
 from tunelab.rl.rollout import sample, token_logprobs
-from tunelab.tasks import make_task
-from tunelab.train import checkpoint
+from tunelab.tasks import GenerateTask
+from tunelab.train import checkpoint, run
 from tunelab.train.optim import build_optimizer, step as optimizer_step
-from tunelab.train.supervised import log, prepare_output, save_model_folder
+from tunelab.train.run import log
 
 EVAL_SEED = 1234  # held-out sampling draws from its own seeded stream: before/after compare the same draw
 SHOWN = 8  # held-out prompts whose outputs before and after go in the report
@@ -56,7 +54,7 @@ def train(cfg, splits=None, resume: bool = False, overwrite: bool = False) -> di
     if not splits.train or not held:
         raise TunelabError(f"task: rl needs training prompts and held-out (dev) prompts; got {len(splits.train)} "
                            f"train and {len(splits.dev)} dev (set data.dev or use a built-in set)")
-    prepare_output(out, cfg, resume, overwrite)
+    run.prepare_output(out, cfg, resume, overwrite)
     torch.manual_seed(tc.seed)
 
     start = warm_start(cfg, splits, out, resume) if rl.sft else cfg.model.name
@@ -69,9 +67,9 @@ def train(cfg, splits=None, resume: bool = False, overwrite: bool = False) -> di
     ref = None if lora else copy.deepcopy(model).requires_grad_(False).to(device).eval()
     model = tuning.apply(model, cfg.tune, "generate", path).to(device).eval()
     max_length = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
-    task = make_task("generate", tokenizer, [], max_length, encoder_decoder=encoder_decoder,
-                     prompt_suffix=cfg.data.prompt_suffix,
-                     max_target_length=max(cfg.data.max_target_length, rl.max_new_tokens))
+    # The policy is a generation model: its prompts are encoded (and the saved folder predicts) as one.
+    task = GenerateTask(tokenizer, max_length, encoder_decoder, cfg.data.prompt_suffix,
+                        max(cfg.data.max_target_length, rl.max_new_tokens))
     reward = rw.build(rl, tc.device, tc.bf16)
     policy = Policy(model, ref, rl.temperature, tc.bf16, rl.micro_batch)
 
@@ -183,14 +181,12 @@ def train(cfg, splits=None, resume: bool = False, overwrite: bool = False) -> di
         "samples": [{"prompt": p, "reference": r, "before": b, "after": a} for p, r, b, a in
                     zip(before["prompts"], before["references"], before["greedy"], after["greedy"])],
     }
-    gen_meta = {"encoder_decoder": encoder_decoder, "prompt_suffix": cfg.data.prompt_suffix,
-                "max_target_length": task.max_target_length}
     save_cfg = dataclasses.replace(cfg, task="generate", model=dataclasses.replace(cfg.model, name=str(start)))
-    save_model_folder(out, model, tokenizer, save_cfg, [], max_length, gen_meta)
+    run.save_model_folder(out, model, tokenizer, save_cfg, task)
     from tunelab.report.rl import write_rl_report
 
     write_rl_report(out, report)
-    shutil.rmtree(out / checkpoint.NAME, ignore_errors=True)
+    run.clean_up(out)
     return report
 
 

@@ -162,16 +162,16 @@ def parse_predict(body: bytes, content_type: str | None, service: ModelService, 
     route = service.route(name, req.adapter, req.max_new_tokens)
     task = service.task_for(route)
     if req.top_k is not None:
-        if task.kind != "classify":
+        if not task.ranks_labels:
             raise ApiError(422, f"top_k is for classification; task {name!r} is {task.kind}", "top_k")
         if req.top_k > len(task.labels):
             raise ApiError(422, f"top_k is {req.top_k}, but there are {len(task.labels)} labels", "top_k")
     if req.max_new_tokens is not None:
-        if task.kind != "generate":
+        if task.new_tokens_bound is None:
             raise ApiError(422, f"max_new_tokens is for generation; task {name!r} is {task.kind}", "max_new_tokens")
-        if req.max_new_tokens > task.max_target_length:
+        if req.max_new_tokens > task.new_tokens_bound:
             raise ApiError(422, f"max_new_tokens is {req.max_new_tokens}; this model allows at most "
-                                f"{task.max_target_length}", "max_new_tokens")
+                                f"{task.new_tokens_bound}", "max_new_tokens")
     return Request(req.texts, name, task.kind, route, req.top_k)
 
 

@@ -1,14 +1,14 @@
 """The model behind the server: a loaded `Predictor`, what the API says about it, and the batch call.
 
-Texts become examples and predictions become records through the same functions as `tunelab predict`
-(`text_examples`, `prediction_records`), so the server and the command line give the same answer.
+Texts become examples and predictions become records through the task's own functions, as in `tunelab
+predict` (Task.text_examples, Task.records), so the server and the command line give the same answer.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.data.examples import TextExample
-from tunelab.predict import Predictor, prediction_records, text_examples
+from tunelab.predict import Predictor
 
 
 @dataclass(frozen=True)
@@ -20,13 +20,6 @@ class Route:
     max_new_tokens: int | None = None  # generation only; None: the model's own bound
 
 
-@dataclass(frozen=True)
-class TaskInfo:
-    kind: str  # ner | classify | generate
-    labels: list[str]
-    max_new_tokens: int | None  # generation: the most new tokens a request may ask for
-
-
 class ModelService:
     """Task names as the API shows them: a multi-task folder's own names, else one task named by its kind
     (e.g. "ner"), which requests may leave out."""
@@ -35,14 +28,9 @@ class ModelService:
         self.predictor = predictor
         self.multitask = bool(predictor.tasks)
         names = list(predictor.tasks) if self.multitask else [predictor.meta["task"]]
-        self.tasks = {n: self._info(predictor.tasks[n] if self.multitask else predictor.task) for n in names}
+        self.tasks = {n: predictor.tasks[n] if self.multitask else predictor.task for n in names}
         # Adapters switched per request (single-task adapter folders, `--adapter NAME=DIR`): their labels.
         self.adapters = {name: meta["labels"] for name, (meta, _) in predictor.adapters.items()}
-
-    @staticmethod
-    def _info(task) -> TaskInfo:
-        bound = task.max_target_length if task.kind == "generate" else None
-        return TaskInfo(task.kind, list(task.labels), bound)
 
     def route(self, task: str | None, adapter: str | None, max_new_tokens: int | None) -> Route:
         """Assumes names already checked against self.tasks / self.adapters."""
@@ -58,16 +46,7 @@ class ModelService:
     def describe(self) -> dict:
         meta = self.predictor.meta
         base = str(meta.get("base_model", ""))
-        tasks = {}
-        for name, info in self.tasks.items():
-            entry = {"kind": info.kind}
-            if info.kind != "generate":
-                entry["labels"] = info.labels
-            if info.kind == "ner":
-                entry["entity_types"] = sorted({lab[2:] for lab in info.labels if lab[:2] in ("B-", "I-")})
-            if info.kind == "generate":
-                entry["max_new_tokens"] = info.max_new_tokens
-            tasks[name] = entry
+        tasks = {name: task.describe() for name, task in self.tasks.items()}
         return {
             "model": self.predictor.dir.name,
             # a packaged name, or only the last part of a local path: the server's file system is not the API's
@@ -81,8 +60,8 @@ class ModelService:
 
     def run(self, route: Route, texts: list[str]) -> list[dict]:
         """One forward pass over `texts` (called on the model thread only). Returns one record each."""
-        kind = self.tasks[self.task_name(route)].kind
-        examples, offsets = text_examples(kind, [TextExample(t, None, "<request>", i + 1) for i, t in enumerate(texts)])
+        task = self.task_for(route)
+        examples, offsets = task.text_examples([TextExample(t, None, "<request>", i + 1) for i, t in enumerate(texts)])
         predictions = self.predictor.predict(examples, adapter=route.adapter, task=route.task,
                                              max_new_tokens=route.max_new_tokens)
-        return list(prediction_records(kind, self.task_for(route).labels, examples, predictions, offsets))
+        return list(task.records(task.labels, examples, predictions, offsets))

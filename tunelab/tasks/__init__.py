@@ -1,43 +1,121 @@
-"""Task types. Each turns examples into features, model outputs into predictions, and predictions into
-metrics. The training recipe, `tunelab eval`, `tunelab predict` and the server all go through these."""
+"""Task types, and the one registry of them.
 
-from typing import Protocol
+A task type knows everything about its kind of task that the rest of tunelab needs: which transformers model
+class and peft task type carry it, which examples it reads, how it encodes them into features, decodes
+model outputs into predictions, scores predictions (`main` is what model selection maximises), writes
+prediction records for `tunelab predict` and the server, and what its report shows. Recipes, prediction,
+serving and reports ask the task; they never branch on its name.
+
+Adding a task type: write tasks/NEW.py with a class that satisfies `Task` below, add it to REGISTRY, and
+give a recipe (or the supervised one) data for it (README: "Adding a task type").
+"""
+
+from typing import Iterator, Protocol
+
+from tunelab.errors import TunelabError
+from tunelab.tasks.classify import ClassifyTask
+from tunelab.tasks.generate import GenerateTask
+from tunelab.tasks.ner import NerTask
 
 
 class Task(Protocol):
+    # -- what the kind is (class attributes; no tokenizer needed) --
+    kind: str  # the registry name, `task:` in a recipe
+    example_type: type  # Sentence | TextExample | GenExample (tunelab.data.examples)
+    head: str  # the head transformers must have for the backbone, in words ("token-classification")
+    new_head: bool  # a freshly initialised head that always trains (classification), or a pretrained one
+    token_level: bool  # one output row per input token (prompt tuning must shift them past its tokens)
+    outputs: tuple  # prediction file formats besides JSONL records ("conll")
+    ranks_labels: bool  # one probability per label: requests may ask for the top k
+    decoder_only: bool  # on a shared multi-task backbone, only a causal LM's will do
+    donor_rank: int  # multi-task: the task model with the lowest rank lends its backbone to the others
+    main_name: str  # what metrics["main"] is, in reports
+    score_name: str  # what score(metrics) is: a 0-1 value multi-task selection averages
+    curve_title: str
+
+    @staticmethod
+    def model_class(config):
+        """The transformers Auto class for a backbone with this config."""
+
+    @staticmethod
+    def peft_type(config):
+        """peft.TaskType for adapters on such a model."""
+
+    @staticmethod
+    def configure(config, labels: list[str]) -> None:
+        """Set the model config's head size and id2label (in place)."""
+
+    @staticmethod
+    def options(data, model_config) -> dict:
+        """The task's settings from the data config section and the model config (build's `options`)."""
+
+    @classmethod
+    def build(cls, tokenizer, labels: list[str], max_length: int, options: dict) -> "Task": ...
+
+    @staticmethod
+    def text_examples(texts: list) -> tuple[list, list | None]:
+        """Raw texts (TextExample) as this task's examples, with character offsets where records need them."""
+
+    @staticmethod
+    def records(labels: list[str], examples: list, predictions: list, offsets=None) -> Iterator[dict]:
+        """One JSON-ready record per example, as `tunelab predict` writes them and the server returns them."""
+
+    @staticmethod
+    def format_main(metrics: dict) -> str: ...
+
+    @staticmethod
+    def score(metrics: dict) -> float: ...
+
+    @staticmethod
+    def curve_value(main: float) -> float:
+        """The dev value as the report's curve shows it (generation: the loss rather than -loss)."""
+
+    # -- one task with its tokenizer and labels (instances) --
     labels: list[str]
     pad: int  # the input id that pads a batch (collate)
+    max_length: int
+    new_tokens_bound: int | None  # generation: the most new tokens a prediction may ask for; else None
 
     def encode(self, examples: list, training: bool) -> list[dict]:
         """Features: dicts with input_ids (list[int]), labels (list[int] or int), example (int)."""
 
-    def decode(self, features: list[dict], logits: list, n_examples: int) -> list:
-        """Per-example predictions from per-feature logits (numpy, (seq, labels) or (labels,))."""
+    def predict(self, model, examples: list, device, bf16=False, batch_size=64, desc=None, max_new_tokens=None,
+                dist=None) -> list:
+        """Per example: NER (tags, scores), classification (label, probabilities), generation: output text."""
 
-    def metrics(self, examples: list, predictions: list) -> dict:
-        """Metrics against the examples' gold labels; the key `main` is what model selection maximises."""
+    def evaluate(self, model, examples: list, device, bf16=False, batch_size=64, desc=None, dist=None,
+                 predictions=None) -> dict:
+        """Metrics with `main` (higher is better). `predictions`: already made ones, where metrics come from
+        predictions (not recomputed). dist: a distributed run's ranks share the work, all get the metrics."""
+
+    def meta(self) -> dict:
+        """What a saved folder's tunelab.json keeps to rebuild this task (build_from_meta)."""
+
+    def describe(self) -> dict:
+        """What the HTTP API says about this task."""
+
+    def samples(self, model, examples: list, device, bf16) -> list[dict] | None:
+        """Sample outputs for the report, or None."""
 
 
-class GenerationTask(Protocol):
-    """Generation tasks have no logits to decode: they score teacher-forced loss and write text."""
-
-    def encode(self, examples: list, training: bool) -> list[dict]: ...
-
-    def evaluate(self, model, examples, device, bf16, batch_size, desc) -> dict:
-        """Metrics with `main` (higher is better)."""
-
-    def generate(self, model, examples, device, bf16, batch_size, desc, max_new_tokens=None) -> list[str]:
-        """Greedy outputs; `max_new_tokens` (None: the task's own bound) caps their length."""
+REGISTRY: dict[str, type] = {t.kind: t for t in (NerTask, ClassifyTask, GenerateTask)}
+KINDS = tuple(REGISTRY)
 
 
-def make_task(kind: str, tokenizer, labels, max_length: int, context_sentences: int = 0, *,
-              encoder_decoder: bool = False, prompt_suffix: str = "\n", max_target_length: int = 64):
-    from tunelab.tasks.classify import ClassifyTask
-    from tunelab.tasks.generate import GenerateTask
-    from tunelab.tasks.ner import NerTask
+def task_type(kind: str):
+    """The task class registered as `kind`."""
+    if kind not in REGISTRY:
+        raise TunelabError(f"unknown task {kind!r}; one of {', '.join(REGISTRY)}")
+    return REGISTRY[kind]
 
-    if kind == "generate":
-        return GenerateTask(tokenizer, max_length, encoder_decoder, prompt_suffix, max_target_length)
-    if kind == "ner":
-        return NerTask(tokenizer, labels, max_length, context_sentences)
-    return ClassifyTask(tokenizer, labels, max_length)
+
+def make_task(kind: str, tokenizer, labels, max_length: int, context_sentences: int = 0, **options):
+    """A task of kind `kind` for this tokenizer and label list; `options` as the task type's options() gives
+    them (context_sentences for NER; encoder_decoder, prompt_suffix, max_target_length for generation)."""
+    return task_type(kind).build(tokenizer, labels, max_length, {"context_sentences": context_sentences, **options})
+
+
+def task_from_meta(meta: dict, tokenizer):
+    """The task a saved folder's tunelab.json (or one task's entry in a multi-task folder's) describes."""
+    options = {"context_sentences": meta.get("context_sentences", 0), **meta.get("generation", {})}
+    return task_type(meta["task"]).build(tokenizer, meta["labels"], meta["max_length"], options)

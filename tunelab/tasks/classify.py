@@ -7,11 +7,23 @@ usually plain); how many were cut is reported, never hidden.
 import numpy as np
 
 from tunelab.data.examples import TextExample
-from tunelab.tasks.ner import special_tokens
+from tunelab.tasks.common import evaluate_by_predictions, pad_id, predict_by_logits, set_labels, special_tokens
 
 
 class ClassifyTask:
     kind = "classify"
+    example_type = TextExample
+    head = "sequence-classification"
+    new_head = True
+    token_level = False
+    outputs = ("jsonl",)
+    ranks_labels = True  # a probability per label: requests may ask for the top k
+    main_name = "macro-F1"
+    score_name = "macro-F1"
+    curve_title = "dev macro-F1"
+    new_tokens_bound = None
+    donor_rank = 1  # which task model lends the shared backbone in multi-task runs (lowest first)
+    decoder_only = False
 
     def __init__(self, tokenizer, labels: list[str], max_length: int):
         self.tokenizer = tokenizer
@@ -19,7 +31,7 @@ class ClassifyTask:
         self.label2id = {label: i for i, label in enumerate(labels)}
         self.max_length = max_length
         self.truncated = 0  # of the last encode() call
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad = pad_id(tokenizer)
         self.suffix = special_tokens(tokenizer)[1]
 
     def encode(self, examples: list[TextExample], training: bool) -> list[dict]:
@@ -44,3 +56,61 @@ class ClassifyTask:
         from tunelab.metrics import classification_metrics
 
         return classification_metrics([e.label for e in examples], [p[0] for p in predictions], self.labels)
+
+    predict = predict_by_logits  # per example: (label, probabilities)
+    evaluate = evaluate_by_predictions
+
+    # ---- what the task is, outside one tokenizer (see tunelab.tasks.Task) ----
+
+    @staticmethod
+    def model_class(config):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    @staticmethod
+    def peft_type(config):
+        import peft
+
+        return peft.TaskType.SEQ_CLS
+
+    configure = staticmethod(set_labels)
+
+    @staticmethod
+    def options(data, model_config) -> dict:
+        return {}
+
+    @classmethod
+    def build(cls, tokenizer, labels, max_length, options: dict):
+        return cls(tokenizer, labels, max_length)
+
+    def meta(self) -> dict:
+        return {"task": self.kind, "labels": self.labels, "max_length": self.max_length, "context_sentences": 0}
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "labels": self.labels}
+
+    @staticmethod
+    def format_main(m: dict) -> str:
+        return f"{m['main'] * 100:.2f}"
+
+    @staticmethod
+    def score(m: dict) -> float:
+        return m["main"]
+
+    @staticmethod
+    def curve_value(main: float) -> float:
+        return main
+
+    def samples(self, model, examples, device, bf16) -> None:
+        return None
+
+    @staticmethod
+    def text_examples(texts: list) -> tuple[list, None]:
+        return list(texts), None
+
+    @staticmethod
+    def records(labels, examples, predictions, offsets=None):
+        """One record per example: text, label, score and probabilities by label name."""
+        for ex, (label, probs) in zip(examples, predictions):
+            yield {"text": ex.text, "label": label, "score": max(probs), "probabilities": dict(zip(labels, probs))}

@@ -17,13 +17,27 @@ import torch
 
 from tunelab.data.batching import collate
 from tunelab.data.examples import GenExample
-from tunelab.predict import autocast, eval_mode, inference_batches
-from tunelab.tasks.ner import special_tokens
+from tunelab.inference import inference_batches
+from tunelab.runtime import autocast, eval_mode
+from tunelab.tasks.common import special_tokens
+
+SAMPLES = 8  # test outputs shown in the report beside their references
 
 
 class GenerateTask:
     kind = "generate"
     labels: list[str] = []
+    example_type = GenExample
+    head = "generation"
+    new_head = False  # the LM head is pretrained: it trains only when the whole model does
+    token_level = False
+    outputs = ("jsonl",)
+    ranks_labels = False
+    main_name = "loss"  # main = -loss (higher is better, like every task); reports show the loss
+    score_name = "1/perplexity"
+    curve_title = "dev loss"
+    decoder_only = True  # in a shared multi-task backbone: a causal LM's
+    donor_rank = 0  # its LM head is tied to the embeddings: its backbone is the one the others share
 
     def __init__(self, tokenizer, max_length: int, encoder_decoder: bool, prompt_suffix: str = "\n",
                  max_target_length: int = 64):
@@ -31,6 +45,7 @@ class GenerateTask:
         self.max_length = max_length
         self.encoder_decoder = encoder_decoder
         self.max_target_length = max_target_length
+        self.prompt_suffix = prompt_suffix
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         if self.eos is None:
             raise ValueError("the tokenizer has neither an eos nor a sep token to end a generated text")
@@ -64,10 +79,18 @@ class GenerateTask:
             out.append({"input_ids": ids + target, "labels": [-100] * len(ids) + target, "example": i})
         return out
 
+    @property
+    def new_tokens_bound(self) -> int:
+        """The most new tokens a prediction may ask for (the references' length in training)."""
+        return self.max_target_length
+
     @torch.inference_mode()
-    def evaluate(self, model, examples, device, bf16=False, batch_size=16, desc=None, dist=None) -> dict:
+    def evaluate(self, model, examples, device, bf16=False, batch_size=16, desc=None, dist=None,
+                 predictions=None) -> dict:
         """Mean loss per reference token (and perplexity) under teacher forcing. dist: a distributed run's
-        ranks share the batches; the sums are taken in batch order, as on one process."""
+        ranks share the batches; the sums are taken in batch order, as on one process. `predictions`
+        (greedy outputs) play no part: generation is scored by the references' likelihood."""
+        batch_size = min(batch_size, 16)
         features = self.encode(examples, training=True)
         parts = {}
         with eval_mode(model):
@@ -97,6 +120,11 @@ class GenerateTask:
             ids[r, sl], mask[r, sl] = torch.tensor(row), 1
         return ids, mask
 
+    def predict(self, model, examples, device, bf16=False, batch_size=16, desc=None, max_new_tokens=None,
+                dist=None) -> list[str]:
+        """Greedy outputs (tunelab.tasks.Task's prediction call); one process generates them all."""
+        return self.generate(model, examples, device, bf16, min(batch_size, 16), desc, max_new_tokens)
+
     @torch.inference_mode()
     def generate(self, model, examples, device, bf16=False, batch_size=16, desc=None,
                  max_new_tokens: int | None = None) -> list[str]:
@@ -121,3 +149,68 @@ class GenerateTask:
                 for r, i in enumerate(idx):
                     out[i] = self.tokenizer.decode(new[r], skip_special_tokens=True).strip()
         return out
+
+    # ---- what the task is, outside one tokenizer (see tunelab.tasks.Task) ----
+
+    @staticmethod
+    def model_class(config):
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+
+    @staticmethod
+    def peft_type(config):
+        import peft
+
+        return peft.TaskType.SEQ_2_SEQ_LM if config.is_encoder_decoder else peft.TaskType.CAUSAL_LM
+
+    @staticmethod
+    def configure(config, labels) -> None:
+        """No label head to size: the output is the vocabulary."""
+
+    @staticmethod
+    def options(data, model_config) -> dict:
+        return {"encoder_decoder": bool(model_config.is_encoder_decoder), "prompt_suffix": data.prompt_suffix,
+                "max_target_length": data.max_target_length}
+
+    @classmethod
+    def build(cls, tokenizer, labels, max_length, options: dict):
+        return cls(tokenizer, max_length, options.get("encoder_decoder", False), options.get("prompt_suffix", "\n"),
+                   options.get("max_target_length", 64))
+
+    def meta(self) -> dict:
+        return {"task": self.kind, "labels": [], "max_length": self.max_length, "context_sentences": 0,
+                "generation": {"encoder_decoder": self.encoder_decoder, "prompt_suffix": self.prompt_suffix,
+                               "max_target_length": self.max_target_length}}
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "max_new_tokens": self.max_target_length}
+
+    @staticmethod
+    def format_main(m: dict) -> str:
+        return f"{m['loss']:.4f}"
+
+    @staticmethod
+    def score(m: dict) -> float:
+        """1/perplexity = exp(-loss per token): on a 0-1 scale, so that it averages with other tasks'."""
+        return math.exp(m["main"])
+
+    @staticmethod
+    def curve_value(main: float) -> float:
+        return -main  # the loss itself
+
+    def samples(self, model, examples, device, bf16) -> list[dict]:
+        """The first SAMPLES examples' greedy outputs beside their prompts and references (report)."""
+        shown = examples[:SAMPLES]
+        outputs = self.predict(model, shown, device, bf16)
+        return [{"prompt": e.prompt, "reference": e.target, "output": o} for e, o in zip(shown, outputs)]
+
+    @staticmethod
+    def text_examples(texts: list) -> tuple[list, None]:
+        return [GenExample(t.text, None, t.source, t.line) for t in texts], None
+
+    @staticmethod
+    def records(labels, examples, predictions, offsets=None):
+        """One record per example: prompt, output (and the reference when there is one)."""
+        for ex, p in zip(examples, predictions):
+            yield {"prompt": ex.prompt, "output": p} | ({"reference": ex.target} if ex.target is not None else {})

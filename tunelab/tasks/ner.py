@@ -11,18 +11,11 @@ import re
 import numpy as np
 
 from tunelab.data.examples import Sentence
+from tunelab.errors import TunelabError, where
+from tunelab.tasks.common import evaluate_by_predictions, pad_id, predict_by_logits, set_labels, special_tokens
 
 IGNORE = -100
-
-
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer puts before and after a sequence ([CLS] / [SEP] for BERT, <s> / </s> ...)."""
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return full[:i], full[i + len(bare):]
-    return [], []
+__all__ = ["NerTask", "IGNORE", "special_tokens", "word_pieces", "windows", "viterbi", "split_words", "entity_spans"]
 
 
 def word_pieces(tokenizer, sentences: list[list[str]]) -> list[list[list[int]]]:
@@ -76,6 +69,18 @@ def windows(counts: list[int], budget: int, overlap: int) -> list[tuple[int, int
 
 class NerTask:
     kind = "ner"
+    example_type = Sentence
+    head = "token-classification"
+    new_head = True  # a freshly initialised classifier: trained (and saved) under every tuning method
+    token_level = True  # one output row per input token
+    outputs = ("jsonl", "conll")  # prediction file formats
+    ranks_labels = False  # labels per word, not one ranked list
+    main_name = "entity micro-F1"  # what `main` is, in reports
+    score_name = "entity micro-F1"  # the 0-1 score multi-task selection averages
+    curve_title = "dev entity F1"
+    new_tokens_bound = None  # not a generator
+    donor_rank = 2  # which task model lends the shared backbone in multi-task runs (lowest first)
+    decoder_only = False  # any backbone with a token-classification head will do
 
     def __init__(self, tokenizer, labels: list[str], max_length: int, context_sentences: int = 0):
         self.tokenizer = tokenizer
@@ -83,7 +88,7 @@ class NerTask:
         self.label2id = {label: i for i, label in enumerate(labels)}
         self.max_length = max_length
         self.context_sentences = context_sentences
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad = pad_id(tokenizer)
         self.prefix, self.suffix = special_tokens(tokenizer)
         self.budget = max_length - len(self.prefix) - len(self.suffix)
         self.allowed, self.start_allowed = iob2_transitions(labels)
@@ -153,6 +158,99 @@ class NerTask:
         from tunelab.metrics import entity_metrics
 
         return entity_metrics([s.tags for s in sentences], [p[0] for p in predictions])
+
+    predict = predict_by_logits  # per example: (tags, scores)
+    evaluate = evaluate_by_predictions
+
+    # ---- what the task is, outside one tokenizer: model class, options, saved metadata, records ----
+
+    @staticmethod
+    def model_class(config):
+        from transformers import AutoModelForTokenClassification
+
+        return AutoModelForTokenClassification
+
+    @staticmethod
+    def peft_type(config):
+        import peft
+
+        return peft.TaskType.TOKEN_CLS
+
+    configure = staticmethod(set_labels)  # the model config's head size and id2label
+
+    @staticmethod
+    def options(data, model_config) -> dict:
+        """This task's settings from the data config (and the model's config), as the constructor takes them
+        and tunelab.json keeps them."""
+        return {"context_sentences": data.context_sentences}
+
+    @classmethod
+    def build(cls, tokenizer, labels, max_length, options: dict):
+        return cls(tokenizer, labels, max_length, options.get("context_sentences", 0))
+
+    def meta(self) -> dict:
+        return {"task": self.kind, "labels": self.labels, "max_length": self.max_length,
+                "context_sentences": self.context_sentences}
+
+    def describe(self) -> dict:
+        """What the HTTP API says about this task."""
+        return {"kind": self.kind, "labels": self.labels,
+                "entity_types": sorted({lab[2:] for lab in self.labels if lab[:2] in ("B-", "I-")})}
+
+    @staticmethod
+    def format_main(m: dict) -> str:
+        return f"{m['main'] * 100:.2f}"
+
+    @staticmethod
+    def score(m: dict) -> float:
+        return m["main"]
+
+    @staticmethod
+    def curve_value(main: float) -> float:
+        return main
+
+    def samples(self, model, examples, device, bf16) -> None:
+        """The report's sample outputs: none (the per-type table says more)."""
+        return None
+
+    @staticmethod
+    def text_examples(texts: list) -> tuple[list, list]:
+        """Raw texts (TextExample) as sentences of words, and offsets[i] = (text, [(start, end) of each
+        word]). A text is its own document, so unrelated texts never serve as each other's context."""
+        examples, offsets = [], []
+        for t in texts:
+            words, offs = split_words(t.text)
+            if not words:
+                raise TunelabError(f"{where(t.source, t.line)}: no words in this text")
+            examples.append(Sentence(words, None, len(examples), t.source, t.line))
+            offsets.append((t.text, offs))
+        return examples, offsets
+
+    @staticmethod
+    def records(labels, examples, predictions, offsets=None):
+        """One JSON-ready record per example: text (raw input only), tokens, tags and entities (type, score =
+        mean word score, text, and character start/end into the raw text, or first/last word for pre-split
+        input)."""
+        for i, (ex, (tags, scores)) in enumerate(zip(examples, predictions)):
+            ents = []
+            for etype, s, e in entity_spans(tags):
+                ent = {"type": etype, "score": sum(scores[s:e]) / (e - s)}
+                if offsets is not None:
+                    text, offs = offsets[i]
+                    ent.update(text=text[offs[s][0]:offs[e - 1][1]], start=offs[s][0], end=offs[e - 1][1])
+                else:
+                    ent.update(text=" ".join(ex.words[s:e]), first_word=s, last_word=e - 1)
+                ents.append(ent)
+            rec = {"text": offsets[i][0]} if offsets is not None else {}
+            rec.update(tokens=ex.words, tags=tags, entities=ents)
+            yield rec
+
+    @staticmethod
+    def conll(examples, predictions, doc=None) -> tuple[str, int | None]:
+        """Predictions as CoNLL columns (word [gold] predicted), for -o FILE.conll."""
+        from tunelab.data.conll import conll_columns
+
+        return conll_columns(examples, [p[0] for p in predictions], doc)
 
 
 def iob2_transitions(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -20,15 +20,18 @@ NAME = "checkpoint"
 BEST = "checkpoint-best.safetensors"
 
 
-def save(run_dir, model, optimizer, scheduler, state: dict, rng: dict | None = None) -> None:
+def save(run_dir, model, optimizer, scheduler, state: dict, rng: dict | None = None,
+         components: dict | None = None) -> None:
     """`rng`: torch RNG states by name (a distributed run's, one per rank: tunelab.distributed.rng_states);
-    None: this process's."""
+    None: this process's. `components`: name -> object with state_dict() (stateful loss terms, perturbations:
+    tunelab.train.step.Step.stateful()); their state is saved beside the optimizer's."""
     run_dir = Path(run_dir)
     tmp, final, old = run_dir / f".{NAME}.tmp", run_dir / NAME, run_dir / f".{NAME}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(_weights(model), tmp / "model.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "components": {n: c.state_dict() for n, c in (components or {}).items()}}, tmp / "optim.pt")
     rng = dict(rng or {"torch": torch.get_rng_state()})
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -50,12 +53,18 @@ def find(run_dir) -> Path | None:
     return None
 
 
-def load(path, model, optimizer, scheduler, device, rank: int = 0) -> dict:
+def load(path, model, optimizer, scheduler, device, rank: int = 0, components: dict | None = None) -> dict:
     path = Path(path)
     _restore(model, load_file(path / "model.safetensors", device=str(device)), path)
     optim = torch.load(path / "optim.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
+    saved = optim.get("components", {})
+    for name, component in (components or {}).items():
+        if name not in saved:
+            raise TunelabError(f"{path}: this checkpoint has no state for {name!r}, which this run uses; resume "
+                               "with the settings the run was started with, or start again with --overwrite")
+        component.load_state_dict(saved[name])
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng.get(f"torch.rank{rank}", rng["torch"]))
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]

@@ -1,0 +1,222 @@
+"""A training run's life, shared by every recipe: claiming output_dir (and checking a resume against it),
+when to save, keeping the best dev weights with patience, restoring them, and publishing the model folder
+with its metadata (tunelab.json). Recipes call these in their loops; none imports another recipe's helpers.
+"""
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from tunelab import config as config_mod
+from tunelab import peft as tuning
+from tunelab import track
+from tunelab.errors import TunelabError
+from tunelab.io import atomic_write_text
+from tunelab.runtime import is_main
+from tunelab.train import checkpoint
+
+META_FILE = "tunelab.json"
+
+
+def log(msg: str) -> None:
+    if is_main():  # one log for a distributed run, not one per process
+        tqdm.write(f"[tunelab] {msg}", file=sys.stderr)
+
+
+# ---- output_dir ----
+
+def prepare_output(out: Path, cfg, resume: bool, overwrite: bool, write: bool = True) -> None:
+    """Check that output_dir may take this run; with `write` also clear it (--overwrite) and save the
+    resolved config."""
+    saved = out / "config.yaml"
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            if write:
+                shutil.rmtree(out)
+        elif resume:
+            if (out / "report.json").is_file() and checkpoint.find(out) is None:
+                raise TunelabError(f"--resume: the run in {out} has already finished (report.json is there); "
+                                   "pass --overwrite to train it again")
+            if saved.is_file():
+                old = _flat(yaml.safe_load(saved.read_text(encoding="utf-8")))
+                new = _flat(config_mod.to_dict(cfg))
+                # tracking settings do not change the training: a resumed run may log elsewhere
+                diff = [k for k in new if old.get(k) != new[k] and not k.startswith("track.")]
+                if diff:
+                    raise TunelabError(f"--resume: the config differs from the one {out} was started with "
+                                       f"({', '.join(diff)}); resume with the same recipe and overrides")
+        else:
+            raise TunelabError(f"output_dir {out} already holds files; pass --resume to continue that run or "
+                               "--overwrite to start again (or set output_dir=...)")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, config_mod.to_yaml(cfg))
+
+
+def claim_output(out: Path, cfg, resume: bool, overwrite: bool, dist) -> None:
+    """prepare_output for every process of a run: all check (so that all stop alike on a mistake) before the
+    main process clears and writes. Call it only once data, model and task are known to be usable, so that a
+    run stopped by a mistake leaves nothing in output_dir that would block the corrected rerun."""
+    prepare_output(out, cfg, resume, overwrite, write=False)
+    dist.barrier()
+    if dist.main:
+        prepare_output(out, cfg, resume, overwrite)
+    dist.barrier()
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+# ---- selection, patience, save cadence ----
+
+class KeepBest:
+    """Model selection on the dev score and early stopping. Its counters (best, best_step, bad_evals,
+    stopped_early) live in the run's state dict, so that checkpoints carry them and a resume continues the
+    same selection."""
+
+    def __init__(self, state: dict, patience: int | None):
+        self.state, self.patience = state, patience
+        for key, value in (("best", None), ("best_step", None), ("bad_evals", 0), ("stopped_early", False)):
+            state.setdefault(key, value)
+
+    def update(self, value: float, step: int) -> bool:
+        """Record a dev score; True when it is the best so far (the caller then saves the best weights)."""
+        s = self.state
+        improved = s["best"] is None or value > s["best"]
+        if improved:
+            s["best"], s["best_step"], s["bad_evals"] = value, step, 0
+        else:
+            s["bad_evals"] += 1
+            if self.patience is not None and s["bad_evals"] >= self.patience:
+                s["stopped_early"] = True
+        return improved
+
+    def note(self, improved: bool) -> str:
+        """How a log line about this evaluation ends."""
+        s = self.state
+        return (" (best)" if improved else f" (best {s['best']:.4f} at step {s['best_step']})") + \
+            (" -> early stop" if s["stopped_early"] else "")
+
+
+class SaveClock:
+    """When a resumable checkpoint is due: every `every` steps, or (every = 0) when `minutes` have passed
+    since the last save, by the main process's clock (so that all processes agree)."""
+
+    def __init__(self, every: int, minutes: float, dist):
+        self.every, self.minutes, self.dist = every, minutes, dist
+        self.last = time.perf_counter()
+
+    def due(self, step: int) -> bool:
+        if self.every:
+            return step % self.every == 0
+        return self.dist.agree(time.perf_counter() - self.last > self.minutes * 60)
+
+    def saved(self) -> None:
+        self.last = time.perf_counter()
+
+
+def restore_best(out: Path, model, device, dist, state: dict) -> bool:
+    """The best dev weights back into `model` (every process reads what the main process wrote)."""
+    dist.barrier()  # the main process's last writes are on disk before any rank reads them
+    restored = checkpoint.load_best(out, model, device)
+    dist.require_shared(restored, out)
+    if restored:
+        log(f"restored the best dev weights (step {state['best_step']}, dev {state['best']:.4f})")
+    return restored
+
+
+def clean_up(out: Path) -> None:
+    """A finished run keeps its model folder and report, not its resumable state."""
+    shutil.rmtree(out / checkpoint.NAME, ignore_errors=True)
+    (out / checkpoint.BEST).unlink(missing_ok=True)
+
+
+# ---- what each step logs ----
+
+def step_record(step: int, loss: float, lr: float, grad_norm, seconds: float, tokens: int, rows: int, device,
+                extra: dict | None = None) -> dict:
+    """One optimizer step in the report's history: loss, schedule, throughput, memory, and `extra` (loss
+    terms and perturbation scalars by name, per-task losses, ...)."""
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "seconds": seconds, "tokens": tokens,
+            "samples": rows, "tokens_per_second": tokens / max(1e-9, seconds),
+            "samples_per_second": rows / max(1e-9, seconds), "peak_memory_mb": track.peak_memory_mb(device),
+            **(extra or {})}
+
+
+# A record's per-task dicts, as TensorBoard names them (train/loss/NAME, train/weight/NAME).
+NESTED = {"tasks": "loss", "weights": "weight"}
+
+
+def step_scalars(record: dict) -> dict:
+    """A step record as tracker scalars (train/...); per-task dicts become train/loss/NAME, train/weight/NAME."""
+    out = {}
+    for key, value in record.items():
+        if key in ("step", "seconds", "tokens", "samples"):
+            continue
+        if isinstance(value, dict):
+            out.update({f"train/{NESTED.get(key, key)}/{n}": v for n, v in value.items()})
+        else:
+            out[f"train/{key}"] = value
+    return out
+
+
+# ---- the model folder ----
+
+def base_model_name(name: str) -> str:
+    """How tunelab.json names the base model: a packaged name as it is, a folder as an absolute path."""
+    from tunelab.models import PACKAGED
+
+    return name if name in PACKAGED else str(Path(name).resolve())
+
+
+def publish(out: Path, write, meta: dict) -> None:
+    """Files are written to a temporary folder and then moved into place, so that a kill never leaves a
+    half-written file in `out`. `write(folder)` writes the model files; `meta` becomes tunelab.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+
+
+def save_model_folder(out: Path, model, tokenizer, cfg, task) -> None:
+    """The model folder. Full, BitFit and head-only runs: weights (safetensors), config with id2label and the
+    tokenizer, which plain transformers loads. Adapter runs: the peft adapter (adapter_config.json +
+    adapter_model.safetensors, the task head included) with the base config carrying id2label, which plain peft
+    loads onto the base model; with tune.merge also the merged full model in OUTPUT_DIR/merged. Both get
+    tunelab.json, tunelab's own metadata (the task's own entries: tunelab.tasks.Task.meta)."""
+    meta = {**task.meta(), "base_model": base_model_name(cfg.model.name), "tune": cfg.tune.method,
+            "tunelab_format": 1}
+    adapter = cfg.tune.method in tuning.ADAPTERS
+    if adapter:
+        meta.update(adapter=True, virtual_tokens=cfg.tune.virtual_tokens)
+
+    def write(folder: Path, m) -> None:
+        m.save_pretrained(str(folder))
+        if adapter and m is model:
+            tuning.base_of(model).config.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+
+    publish(out, lambda folder: write(folder, model), meta)
+    if cfg.tune.merge:
+        merged = model.merge_and_unload()  # folds the adapter into the weights, in place
+        publish(out / "merged", lambda folder: write(folder, merged), {**meta, "adapter": False, "merged": True})
+
+
+def read_meta(folder) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise TunelabError(f"{folder}: not a tunelab model folder (no {META_FILE}); train one with `tunelab train`")
+    return json.loads(path.read_text(encoding="utf-8"))
