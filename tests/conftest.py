@@ -209,20 +209,27 @@ def plain_transformers_tags(model_dir, sentences) -> list[list[str]]:
 
 def kill_after_first_checkpoint(recipe, overrides: list[str], log_path) -> None:
     """Start `tunelab train` in a subprocess and SIGKILL it as soon as a resumable checkpoint exists."""
-    import signal
-    import subprocess
     import sys
-    import time
     from pathlib import Path
 
     out = Path(next(o for o in overrides if o.startswith("output_dir=")).split("=", 1)[1])
+    kill_at_checkpoint([sys.executable, "-m", "tunelab", "train", str(recipe), *overrides], out, log_path)
+
+
+def kill_at_checkpoint(argv: list[str], out, log_path) -> None:
+    """Run `argv` (a training run writing to `out`) and SIGKILL it as soon as a resumable checkpoint exists."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(recipe), *overrides],
-                                cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 240
-            while not (out / "checkpoint" / "state.json").is_file():
+            while not (Path(out) / "checkpoint" / "state.json").is_file():
                 assert proc.poll() is None, Path(log_path).read_text()
                 assert time.monotonic() < deadline, "no checkpoint appeared"
                 time.sleep(0.01)

@@ -4,14 +4,11 @@ are applied, logged and checkpointed; the per-epoch data seam is what an epoch t
 
 import importlib.util
 import json
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_at_checkpoint
 
 from tunelab.data import read_file
 from tunelab.data.batching import collate
@@ -215,19 +212,7 @@ train: {{epochs: 2, batch_size: 4, lr: 3.0e-3, threads: 2, device: cpu, save_eve
     assert all("term/running_mean" in h for h in report_a["history"])
 
     out_b = tmp_path / "b"
-    with open(tmp_path / "b.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(script), str(recipe), str(out_b)], stdout=log,
-                                stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
-        try:
-            deadline = time.monotonic() + 240
-            while not (out_b / "checkpoint" / "state.json").is_file():
-                assert proc.poll() is None, (tmp_path / "b.log").read_text()
-                assert time.monotonic() < deadline, "no checkpoint appeared"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
+    kill_at_checkpoint([sys.executable, str(script), str(recipe), str(out_b)], out_b, tmp_path / "b.log")
     killed_at = json.loads((checkpoint.find(out_b) / "state.json").read_text())["step"]
     assert 1 <= killed_at < 24
 

@@ -297,11 +297,9 @@ def _check_texts(path, n: int = 32) -> list[str]:
     import itertools
 
     from tunelab.data import Sentence, TextExample
-    from tunelab.data.stream import input_format, stream_inputs
+    from tunelab.data.stream import input_format, texts_of
 
-    fmt = input_format(path, None)
-    items = stream_inputs(path, "ner" if fmt == "conll" else "classify", fmt)
-    good = (x for x in items if isinstance(x, (Sentence, TextExample)))
+    good = (x for x in texts_of(path, input_format(path, None)) if isinstance(x, (Sentence, TextExample)))
     texts = [" ".join(x.words) if isinstance(x, Sentence) else x.text for x in itertools.islice(good, n)]
     if not texts:
         raise TunelabError(f"--check-data {path}: no usable text in it")

@@ -18,12 +18,14 @@ import yaml
 from tunelab.data.stream import FORMATS
 from tunelab.data.tags import SCHEMES
 from tunelab.errors import TunelabError, where
+from tunelab.tasks import KINDS
 
-# One tuple per set of choices, shared by the fields below and the code that acts on the value. Tag schemes and input
-# formats come from their torch-free owners; tunelab.peft, rl.estimators and multitask.sampling import torch, so
-# their lists (ADAPTERS, ESTIMATORS, SAMPLINGS) live here and they import them (config must load without torch).
-TASKS = ("ner", "classify", "generate")  # one model, one head: a plain run, or one entry of `tasks:`
-RUN_TASKS = TASKS + ("multitask", "rl")
+# One tuple per set of choices, shared by the fields below and the code that acts on the value. Task types, tag
+# schemes and input formats come from their torch-free owners; tunelab.peft, rl.estimators and multitask.sampling
+# import torch, so their lists (ADAPTERS, ESTIMATORS, SAMPLINGS) live here and they import them (config must load
+# without torch).
+TASKS = KINDS  # the task registry (tunelab.tasks): a plain run, or one entry of `tasks:`
+RUN_TASKS = TASKS + ("multitask", "rl")  # ... and the recipes that combine tasks or train a generator by reward
 ADAPTERS = ("lora", "ia3", "prompt", "prefix")  # tune methods that train a peft adapter
 METHODS = ("full", *ADAPTERS, "bitfit", "head")
 MULTITASK_METHODS = ("full", "lora", "bitfit", "head")  # lora: one adapter per task on the shared backbone

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.data.conll import read_conll
-from tunelab.data.examples import GenExample, Sentence, TextExample
+from tunelab.data.examples import GenExample, TextExample
 from tunelab.errors import TunelabError
 
 SPLIT_SEED = 13

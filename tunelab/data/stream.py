@@ -24,7 +24,7 @@ from tunelab.data.kinds import FORMATS, Fields, file_format, open_reader
 from tunelab.data.readers import BadLine
 from tunelab.errors import TunelabError
 
-__all__ = ["FORMATS", "BadLine", "input_format", "stream_inputs"]
+__all__ = ["FORMATS", "BadLine", "input_format", "stream_inputs", "texts_of"]
 
 
 def input_format(path, fmt: str | None) -> str:
@@ -47,3 +47,17 @@ def stream_inputs(path, kind: str, fmt: str, *, text_field="text", tokens_field=
     """The inputs of `path` for a task of kind `kind` (ner, classify, generate), read lazily."""
     fields = Fields(text_field=text_field, tokens_field=tokens_field, prompt_field=prompt_field)
     return open_reader(path, kind, fmt, False, fields)
+
+
+def texts_of(path, fmt: str) -> Iterator[TextExample | Sentence | BadLine]:
+    """The inputs of `path` whatever task reads them (e.g. sample inputs for a parity check): CoNLL columns as
+    sentences, text lines, or the 'text' field of JSONL / CSV records."""
+    from tunelab.data.readers import Field, conll_sentences, csv_texts, jsonl_texts, text_lines
+
+    if not Path(path).is_file():
+        raise TunelabError(f"{path}: no such file")
+    if fmt not in FORMATS:
+        raise TunelabError(f"{path}: unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    text = Field("text", "text_field")
+    return {"conll": lambda: conll_sentences(path, None), "text": lambda: text_lines(path),
+            "jsonl": lambda: jsonl_texts(path, text), "csv": lambda: csv_texts(path, text)}[fmt]()

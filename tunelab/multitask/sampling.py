@@ -8,7 +8,7 @@ import random
 
 from tunelab.data.batching import epoch_batches
 
-from tunelab.config import SAMPLINGS  # one list, also multitask.sampling's choices (config loads without torch)
+from tunelab.config import SAMPLINGS  # noqa: F401 (one list, also multitask.sampling's choices (config loads without torch))
 
 
 def task_probabilities(sizes: dict[str, int], kind: str, temperature: float = 2.0, progress: float = 0.0,

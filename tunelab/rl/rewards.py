@@ -76,8 +76,8 @@ class ClassifierReward:
         from tunelab.predict import Predictor
 
         self.predictor = Predictor(folder, device=device, bf16=bf16)
-        meta = self.predictor.meta
-        if meta["task"] != "classify":
+        meta, task = self.predictor.meta, self.predictor.task
+        if task is None or not task.ranks_labels:  # a probability per label is what it rewards
             raise TunelabError(f"rl.classifier={folder}: a {meta['task']} model; the classifier reward needs a "
                                "classification folder (task: classify)")
         if label not in meta["labels"]:

@@ -32,6 +32,28 @@ class Task(Protocol):
     main_name: str  # what metrics["main"] is, in reports
     score_name: str  # what score(metrics) is: a 0-1 value multi-task selection averages
     curve_title: str
+    noun: str  # the kind in a sentence: "an NER" (set)
+
+    @staticmethod
+    def reader(path, fmt: str, labelled: bool, fields) -> Iterator:
+        """The examples of a file of format `fmt` (and BadLines for bad ones), read lazily with the field names
+        in `fields` (tunelab.data.kinds.Fields); a format this task cannot read raises TunelabError."""
+
+    @staticmethod
+    def from_record(record, i: int):
+        """An in-memory record (dict or tuple) as an example; `i` names it in errors."""
+
+    @staticmethod
+    def hf_records(ds, fields) -> list[dict]:
+        """A Hugging Face dataset's rows as records for from_record."""
+
+    @staticmethod
+    def label_list(train: list) -> list[str]:
+        """The label set training examples define (empty for generation)."""
+
+    @staticmethod
+    def gold(example) -> list:
+        """An example's gold labels, to check against a label list."""
 
     @staticmethod
     def model_class(config):
@@ -107,6 +129,14 @@ def task_type(kind: str):
     if kind not in REGISTRY:
         raise TunelabError(f"unknown task {kind!r}; one of {', '.join(REGISTRY)}")
     return REGISTRY[kind]
+
+
+def task_of(example):
+    """The task type whose examples are like `example` (a Sentence is NER's, ...)."""
+    for t in REGISTRY.values():
+        if isinstance(example, t.example_type):
+            return t
+    raise TypeError(f"no task type reads {type(example).__name__} examples")
 
 
 def make_task(kind: str, tokenizer, labels, max_length: int, context_sentences: int = 0, **options):

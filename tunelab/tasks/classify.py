@@ -7,7 +7,8 @@ usually plain); how many were cut is reported, never hidden.
 import numpy as np
 
 from tunelab.data.examples import TextExample
-from tunelab.tasks.common import evaluate_by_predictions, pad_id, predict_by_logits, set_labels, special_tokens
+from tunelab.tasks.common import (as_is, evaluate_by_predictions, main_score, no_samples, pad_id, percent,
+                                  predict_by_logits, set_labels, special_tokens)
 
 
 class ClassifyTask:
@@ -62,6 +63,49 @@ class ClassifyTask:
 
     # ---- what the task is, outside one tokenizer (see tunelab.tasks.Task) ----
 
+    noun = "a classification"
+
+    @staticmethod
+    def reader(path, fmt: str, labelled: bool, f):
+        """JSONL or CSV with a text (and label) field -> TextExample; unlabelled also text lines."""
+        from tunelab.tasks.common import text_reader
+
+        return text_reader(path, fmt, labelled, f.field("text_field"), f.field("label_field") if labelled else None,
+                           False, "classification")
+
+    @staticmethod
+    def from_record(r, i: int) -> TextExample:
+        """An in-memory record {"text": ..., "label": ...} (or a (text, label) pair)."""
+        from tunelab.errors import TunelabError
+
+        text, label = (r.get("text"), r.get("label")) if isinstance(r, dict) else r
+        if not isinstance(text, str) or not text.strip():
+            raise TunelabError(f"record {i}: text must be a non-empty string")
+        return TextExample(text, None if label is None else str(label), "<memory>", i)
+
+    @staticmethod
+    def hf_records(ds, f) -> list[dict]:
+        """A `datasets.Dataset`'s rows as records; an integer ClassLabel column becomes label names."""
+        from tunelab.tasks.common import records_of
+
+        records_of(ds, [f.text_field, f.label_field])
+        names = getattr(ds.features[f.label_field], "names", None)
+        return [{"text": r[f.text_field], "label": names[r[f.label_field]] if names else r[f.label_field]}
+                for r in ds]
+
+    @staticmethod
+    def label_list(train: list) -> list[str]:
+        from tunelab.errors import TunelabError
+
+        labels = sorted({e.label for e in train})
+        if len(labels) < 2:
+            raise TunelabError(f"training data has {len(labels)} distinct label(s); classification needs at least 2")
+        return labels
+
+    @staticmethod
+    def gold(example) -> list:
+        return [example.label]
+
     @staticmethod
     def model_class(config):
         from transformers import AutoModelForSequenceClassification
@@ -90,20 +134,10 @@ class ClassifyTask:
     def describe(self) -> dict:
         return {"kind": self.kind, "labels": self.labels}
 
-    @staticmethod
-    def format_main(m: dict) -> str:
-        return f"{m['main'] * 100:.2f}"
-
-    @staticmethod
-    def score(m: dict) -> float:
-        return m["main"]
-
-    @staticmethod
-    def curve_value(main: float) -> float:
-        return main
-
-    def samples(self, model, examples, device, bf16) -> None:
-        return None
+    format_main = staticmethod(percent)
+    score = staticmethod(main_score)
+    curve_value = staticmethod(as_is)
+    samples = no_samples
 
     @staticmethod
     def text_examples(texts: list) -> tuple[list, None]:

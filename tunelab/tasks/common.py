@@ -1,7 +1,8 @@
 """Pieces several task types share: the tokenizer's special tokens and pad id, and prediction through
-per-feature logits (encode -> batched forward -> decode) for the task types that classify."""
+per-feature logits (encode -> batched forward -> decode) for the task types that classify.
 
-from tunelab.inference import feature_logits
+Like every module of tunelab.tasks, this one loads without torch (the registry is what config validates
+`task:` against); inference is imported where it runs."""
 
 
 def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
@@ -21,6 +22,8 @@ def pad_id(tokenizer, fallback: int = 0) -> int:
 def predict_by_logits(task, model, examples: list, device, bf16=False, batch_size=64, desc=None,
                       max_new_tokens=None, dist=None) -> list:
     """encode -> logits per feature -> the task's decode; one prediction per example."""
+    from tunelab.inference import feature_logits
+
     if max_new_tokens is not None:
         raise ValueError(f"max_new_tokens is for generation; this task is {task.kind}")
     features = task.encode(examples, training=False)
@@ -36,8 +39,54 @@ def evaluate_by_predictions(task, model, examples: list, device, bf16=False, bat
     return task.metrics(examples, predictions)
 
 
+# How the classifying tasks (NER, classification) show and score `main`: an F1 on a 0-1 scale.
+
+def percent(m: dict) -> str:
+    return f"{m['main'] * 100:.2f}"
+
+
+def main_score(m: dict) -> float:
+    return m["main"]
+
+
+def as_is(main: float) -> float:
+    return main
+
+
+def no_samples(task, model, examples, device, bf16) -> None:
+    """The report's sample outputs: none (the per-label tables say more)."""
+    return None
+
+
 def set_labels(config, labels: list[str]) -> None:
     """A classification head's size and label names (id2label is what plain transformers shows)."""
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
+
+
+def text_reader(path, fmt: str, labelled: bool, text, label, free_text: bool, what: str):
+    """JSONL or CSV records with a text field (and a label, or free text for a generation target) ->
+    TextExample; unlabelled also plain text lines. text/label: tunelab.data.readers.Field."""
+    from tunelab.data.readers import csv_texts, jsonl_texts, text_lines
+    from tunelab.errors import TunelabError
+
+    if fmt == "jsonl":
+        return jsonl_texts(path, text, label, free_text)
+    if fmt == "csv":
+        return csv_texts(path, text, label, free_text)
+    if fmt == "text" and not labelled:
+        return text_lines(path)
+    if labelled:
+        raise TunelabError(f"{path}: {what} data must be JSONL or CSV with {text.name!r} and {label.name!r} fields")
+    raise TunelabError(f"{path}: {what} input must be text lines, JSONL or CSV with a {text.name!r} field"
+                       + ("; CoNLL columns are NER input" if fmt == "conll" else ""))
+
+
+def records_of(ds, need: list[str]) -> None:
+    """A Hugging Face dataset must have the columns a task reads."""
+    from tunelab.errors import TunelabError
+
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise TunelabError(f"dataset has columns {ds.column_names}; need {' and '.join(map(repr, need))}")

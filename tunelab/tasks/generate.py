@@ -13,13 +13,11 @@ for fewer (`max_new_tokens`, e.g. per request in the server).
 
 import math
 
-import torch
-
-from tunelab.data.batching import collate
-from tunelab.data.examples import GenExample
-from tunelab.inference import inference_batches
-from tunelab.runtime import autocast, eval_mode
+from tunelab.data.examples import GenExample, TextExample
 from tunelab.tasks.common import special_tokens
+
+# torch (and what imports it) is imported where it is used: the task registry, and so config validation,
+# loads without it.
 
 SAMPLES = 8  # test outputs shown in the report beside their references
 
@@ -84,16 +82,21 @@ class GenerateTask:
         """The most new tokens a prediction may ask for (the references' length in training)."""
         return self.max_target_length
 
-    @torch.inference_mode()
     def evaluate(self, model, examples, device, bf16=False, batch_size=16, desc=None, dist=None,
                  predictions=None) -> dict:
         """Mean loss per reference token (and perplexity) under teacher forcing. dist: a distributed run's
         ranks share the batches; the sums are taken in batch order, as on one process. `predictions`
         (greedy outputs) play no part: generation is scored by the references' likelihood."""
+        import torch
+
+        from tunelab.data.batching import collate
+        from tunelab.inference import inference_batches
+        from tunelab.runtime import autocast, eval_mode
+
         batch_size = min(batch_size, 16)
         features = self.encode(examples, training=True)
         parts = {}
-        with eval_mode(model):
+        with torch.inference_mode(), eval_mode(model):
             for pos, idx in inference_batches(features, batch_size, desc, dist):
                 batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], self.pad).items()}
                 with autocast(device, bf16):
@@ -109,9 +112,11 @@ class GenerateTask:
         loss = total / max(1, count)
         return {"main": -loss, "loss": loss, "perplexity": math.exp(min(loss, 50)), "target_tokens": count}
 
-    def pad_prompts(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt ids and attention mask for `generate`: a decoder continues from the last position, so its
-        prompts are padded on the left; an encoder's on the right."""
+    def pad_prompts(self, rows: list[list[int]]) -> tuple:
+        """Prompt ids and attention mask for `generate`, both (rows, longest) tensors: a decoder continues from
+        the last position, so its prompts are padded on the left; an encoder's on the right."""
+        import torch
+
         longest = max(map(len, rows))
         ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -125,7 +130,6 @@ class GenerateTask:
         """Greedy outputs (tunelab.tasks.Task's prediction call); one process generates them all."""
         return self.generate(model, examples, device, bf16, min(batch_size, 16), desc, max_new_tokens)
 
-    @torch.inference_mode()
     def generate(self, model, examples, device, bf16=False, batch_size=16, desc=None,
                  max_new_tokens: int | None = None) -> list[str]:
         """Greedy outputs, one string per example, of at most `max_new_tokens` tokens (None: the task's
@@ -134,10 +138,15 @@ class GenerateTask:
         if not 1 <= bound <= self.max_target_length:
             raise ValueError(f"max_new_tokens is {max_new_tokens}; it must be between 1 and the model's "
                              f"max_target_length ({self.max_target_length})")
+        import torch
+
+        from tunelab.inference import inference_batches
+        from tunelab.runtime import autocast, eval_mode
+
         prompts = [GenExample(e.prompt, None, e.source, e.line) for e in examples]
         features = self.encode(prompts, training=False)
         out = [None] * len(examples)
-        with eval_mode(model):
+        with torch.inference_mode(), eval_mode(model):
             for _, idx in inference_batches(features, batch_size, desc):
                 ids, mask = self.pad_prompts([features[i]["input_ids"] for i in idx])
                 longest = ids.shape[1]
@@ -151,6 +160,47 @@ class GenerateTask:
         return out
 
     # ---- what the task is, outside one tokenizer (see tunelab.tasks.Task) ----
+
+    noun = "a generation"
+
+    @staticmethod
+    def reader(path, fmt: str, labelled: bool, f):
+        """JSONL or CSV with a prompt and target field -> GenExample; unlabelled (prediction input) a prompt
+        field, or plain text lines, one prompt each -> raw TextExample."""
+        from tunelab.tasks.common import text_reader
+
+        items = text_reader(path, fmt, labelled, f.field("prompt_field"),
+                            f.field("target_field") if labelled else None, True, "generation")
+        if not labelled:
+            return items
+        # the readers' TextExample(text, label) holds the prompt and the target
+        return (GenExample(e.text, e.label, e.source, e.line) if isinstance(e, TextExample) else e for e in items)
+
+    @staticmethod
+    def from_record(r, i: int) -> GenExample:
+        """An in-memory record {"prompt": ..., "target": ...} (or a (prompt, target) pair; no target to predict)."""
+        from tunelab.errors import TunelabError
+
+        prompt, target = (r.get("prompt"), r.get("target")) if isinstance(r, dict) else r
+        for name, value in (("prompt", prompt), ("target", target)):
+            if (value is not None or name == "prompt") and (not isinstance(value, str) or not value.strip()):
+                raise TunelabError(f"record {i}: {name} must be a non-empty string")
+        return GenExample(prompt, target, "<memory>", i)
+
+    @staticmethod
+    def hf_records(ds, f) -> list[dict]:
+        from tunelab.tasks.common import records_of
+
+        records_of(ds, [f.prompt_field, f.target_field])
+        return [{"prompt": r[f.prompt_field], "target": r[f.target_field]} for r in ds]
+
+    @staticmethod
+    def label_list(train: list) -> list[str]:
+        return []  # references, not labels
+
+    @staticmethod
+    def gold(example) -> list:
+        return []
 
     @staticmethod
     def model_class(config):

@@ -12,7 +12,8 @@ import numpy as np
 
 from tunelab.data.examples import Sentence
 from tunelab.errors import TunelabError, where
-from tunelab.tasks.common import evaluate_by_predictions, pad_id, predict_by_logits, set_labels, special_tokens
+from tunelab.tasks.common import (as_is, evaluate_by_predictions, main_score, no_samples, pad_id, percent,
+                                  predict_by_logits, set_labels, special_tokens)
 
 IGNORE = -100
 __all__ = ["NerTask", "IGNORE", "special_tokens", "word_pieces", "windows", "viterbi", "split_words", "entity_spans"]
@@ -162,7 +163,63 @@ class NerTask:
     predict = predict_by_logits  # per example: (tags, scores)
     evaluate = evaluate_by_predictions
 
-    # ---- what the task is, outside one tokenizer: model class, options, saved metadata, records ----
+    # ---- what the task is, outside one tokenizer: data, model class, options, saved metadata, records ----
+
+    noun = "an NER"  # "data.dataset=X is an NER set"
+
+    @staticmethod
+    def reader(path, fmt: str, labelled: bool, f):
+        """CoNLL columns or JSONL token lists -> Sentence; unlabelled also text lines -> raw TextExample
+        (split into words by text_examples). f: tunelab.data.kinds.Fields. Lazy: examples and BadLines."""
+        from tunelab.data.readers import conll_sentences, jsonl_sentences, text_lines
+
+        if fmt == "conll":
+            return conll_sentences(path, f.tag_column if labelled else None, f.tag_scheme)
+        if fmt == "jsonl":
+            return jsonl_sentences(path, f.field("tokens_field"), f.field("tags_field") if labelled else None,
+                                   f.tag_scheme)
+        if fmt == "text" and not labelled:
+            return text_lines(path)
+        if labelled:
+            raise TunelabError(f"{path}: NER data must be CoNLL columns or JSONL with {f.tokens_field!r}/"
+                               f"{f.tags_field!r}")
+        raise TunelabError(f"{path}: NER input must be text lines, CoNLL columns or JSONL with {f.tokens_field!r}")
+
+    @staticmethod
+    def from_record(r, i: int) -> Sentence:
+        """An in-memory record {"tokens": [...], "tags": [...]} (or a (tokens, tags) pair), tags in IOB2."""
+        from tunelab.data.tags import to_iob2
+
+        words, tags = (r.get("tokens"), r.get("tags")) if isinstance(r, dict) else r
+        if not words or (tags is not None and len(tags) != len(words)):
+            raise TunelabError(f"record {i}: needs non-empty tokens and one tag per token")
+        if tags is not None:
+            try:
+                tags = to_iob2([str(t) for t in tags], "iob2")
+            except ValueError as e:
+                raise TunelabError(f"record {i}: {e}") from None
+        return Sentence(list(words), tags, i, "<memory>", i)
+
+    @staticmethod
+    def hf_records(ds, f) -> list[dict]:
+        """A `datasets.Dataset`'s rows as records; an integer ClassLabel tag column becomes tag names."""
+        from tunelab.tasks.common import records_of
+
+        records_of(ds, [f.tokens_field, f.tags_field])
+        names = getattr(getattr(ds.features[f.tags_field], "feature", None), "names", None)
+        return [{"tokens": r[f.tokens_field], "tags": [names[t] for t in r[f.tags_field]] if names else
+                 r[f.tags_field]} for r in ds]
+
+    @staticmethod
+    def label_list(train: list) -> list[str]:
+        from tunelab.data.tags import label_list
+
+        return label_list(s.tags for s in train)
+
+    @staticmethod
+    def gold(example) -> list:
+        """The gold labels of one example (none for unlabelled input)."""
+        return example.tags or []
 
     @staticmethod
     def model_class(config):
@@ -197,21 +254,10 @@ class NerTask:
         return {"kind": self.kind, "labels": self.labels,
                 "entity_types": sorted({lab[2:] for lab in self.labels if lab[:2] in ("B-", "I-")})}
 
-    @staticmethod
-    def format_main(m: dict) -> str:
-        return f"{m['main'] * 100:.2f}"
-
-    @staticmethod
-    def score(m: dict) -> float:
-        return m["main"]
-
-    @staticmethod
-    def curve_value(main: float) -> float:
-        return main
-
-    def samples(self, model, examples, device, bf16) -> None:
-        """The report's sample outputs: none (the per-type table says more)."""
-        return None
+    format_main = staticmethod(percent)
+    score = staticmethod(main_score)
+    curve_value = staticmethod(as_is)
+    samples = no_samples
 
     @staticmethod
     def text_examples(texts: list) -> tuple[list, list]:

@@ -103,9 +103,9 @@ def micro_batch(forward: Callable, model, batch: dict, *, device, bf16: bool, st
 def mean_logs(results: list[Result]) -> dict:
     """Per-step means of the loss terms and perturbation scalars of its micro-batches (empty without)."""
     out = {}
-    for part in ("terms", "logs"):
+    for part, prefix in (("terms", "term"), ("logs", "perturb")):  # as the history and TensorBoard name them
         names = {n for r in results for n in getattr(r, part)}
         for n in sorted(names):
             values = [getattr(r, part)[n] for r in results if n in getattr(r, part)]
-            out[f"{part[:-1]}/{n}"] = sum(values) / len(values)
+            out[f"{prefix}/{n}"] = sum(values) / len(values)
     return out
