@@ -146,10 +146,6 @@ class Predictor:
         t, model = self.use(adapter, task)
         return t.evaluate(model, examples, self.device, self.bf16, self.batch_size, desc, predictions=predictions)
 
-    def metrics(self, examples: list, predictions: list, task: str | None = None) -> dict:
-        """Metrics of predictions already made (NER, classification)."""
-        return self.task_for(task=task).metrics(examples, predictions)
-
     def task_for(self, adapter: str | None = None, task: str | None = None):
         """The task object a call with these arguments uses: the multi-task folder's task `task`, or the
         adapter `adapter`'s (the default adapter when several are loaded and none is named)."""

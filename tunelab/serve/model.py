@@ -36,9 +36,6 @@ class ModelService:
         """Assumes names already checked against self.tasks / self.adapters."""
         return Route(task if self.multitask else None, adapter, max_new_tokens)
 
-    def task_name(self, route: Route) -> str:
-        return route.task if self.multitask else next(iter(self.tasks))
-
     def task_for(self, route: Route):
         """The task object the Predictor uses for this route."""
         return self.predictor.task_for(route.adapter, route.task)
