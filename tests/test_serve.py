@@ -221,7 +221,7 @@ def test_ner_entities_with_offsets_into_the_original_text(ner_dir, loaded):
         same_records(srv.predict({"texts": SENTENCES[:1], "task": "ner"}).json()["results"], body["results"][:1])
 
 
-ODD = ["\x00", "\u200b", "a" * 10_000, "😀" * 300, "שלום עולם", "x\u0301\u0301", "<script>", "\ufeffBOM",
+ODD = ["\u200b", "a" * 10_000, "😀" * 300, "שלום עולם", "x\u0301\u0301", "<script>", "\ufeffBOM",
        "word " * 2000]
 
 

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="predict with a trained model folder",
                        description="Predict on a text given on the command line, or a file: .txt (one text a "
-                                   "line), .conll (words in the first column), .jsonl (a 'text' field, "
+                                   "line; one that looks like CoNLL columns needs --format conll or --format "
+                                   "text), .conll (words in the first column), .jsonl (a 'text' field, "
                                    "'prompt' for generation, or 'tokens' for NER) or .csv. Output is JSONL (or "
                                    "CoNLL columns with -o X.conll). Files of any size are streamed in chunks; "
                                    "the output file appears only when every chunk is done.")
@@ -222,6 +223,9 @@ def cmd_eval(args) -> int:
         examples = _read_labelled(args, task.kind, args.data)
     # A label the model never learned cannot be predicted: say so instead of scoring it as a silent miss.
     check_known_labels(examples, info["labels"], "is not one the model was trained on")
+    unreadable = pred.unreadable(examples, task=args.task)
+    if unreadable:
+        print(f"tunelab: warning: {args.data}: {unreadable}", file=sys.stderr)
     # Predictions are made once: the metrics of NER and classification are computed from them.
     predictions = pred.predict(examples, desc="predict", task=args.task) if args.predictions else None
     metrics = pred.evaluate(examples, desc="eval", task=args.task, predictions=predictions)
@@ -249,17 +253,18 @@ def cmd_predict(args) -> int:
     if not path.is_file() and len(args.input) < 200 and " " not in args.input and \
             ("/" in args.input or path.suffix in (".txt", ".conll", ".jsonl", ".csv")):
         raise TunelabError(f"{args.input}: no such file (to predict on literal text, quote a sentence)")
+    fmt = input_format(path, args.format) if path.is_file() else None  # (before the model loads: fail fast)
     pred = Predictor(args.model_dir, args.device, args.batch_size, args.bf16)
     kind = pred.task_for(task=args.task).kind
 
     def inputs():  # a fresh iterator on each call: predict_file reads the input twice (check, then predict)
         if not path.is_file():
             return [TextExample(args.input, None, "<argument>", None)]
-        return stream_inputs(path, kind, input_format(path, args.format), text_field=args.text_field,
-                             tokens_field=args.tokens_field, prompt_field=args.prompt_field)
+        return stream_inputs(path, kind, fmt, text_field=args.text_field, tokens_field=args.tokens_field,
+                             prompt_field=args.prompt_field)
 
     predict_file(pred, inputs, args.output, task=args.task, on_error=args.on_error, chunk_size=args.chunk_size,
-                 max_new_tokens=args.max_new_tokens)
+                 max_new_tokens=args.max_new_tokens, source=str(path) if path.is_file() else None)
     return 0
 
 
@@ -299,7 +304,9 @@ def _check_texts(path, n: int = 32) -> list[str]:
     from tunelab.data import Sentence, TextExample
     from tunelab.data.stream import input_format, texts_of
 
-    good = (x for x in texts_of(path, input_format(path, None)) if isinstance(x, (Sentence, TextExample)))
+    fmt = input_format(path, None, fix="name it .conll to check on the words of its first column, or give a file "
+                                       "of text lines")
+    good = (x for x in texts_of(path, fmt) if isinstance(x, (Sentence, TextExample)))
     texts = [" ".join(x.words) if isinstance(x, Sentence) else x.text for x in itertools.islice(good, n)]
     if not texts:
         raise TunelabError(f"--check-data {path}: no usable text in it")

@@ -53,8 +53,11 @@ class Predictor:
     def __init__(self, model_dir, device="auto", batch_size=64, bf16: bool = False):
         """`bf16`: run the model under bf16 autocast, as the shipped recipes train and evaluate (about twice
         the speed on CPUs with bf16 instructions; logits differ from float32 in the second or third digit)."""
+        from tunelab.models import require_weights
+
         self.dir = Path(model_dir)
         self.meta = read_meta(self.dir)
+        require_weights(self.dir, adapter=bool(self.meta.get("adapter")))
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.bf16 = bf16
@@ -114,6 +117,8 @@ class Predictor:
 
     def add_adapter(self, name: str, folder) -> None:
         """Load another adapter trained on the same base model under `name`."""
+        from tunelab.models import require_weights
+
         folder = Path(folder)
         meta = read_meta(folder)
         if not self.adapters or not meta.get("adapter"):
@@ -129,6 +134,7 @@ class Predictor:
         if "prompt" in (meta["tune"], first["tune"]) or "prefix" in (meta["tune"], first["tune"]):
             raise TunelabError(f"{folder}: prompt and prefix tuning adapters cannot be switched on one model; "
                                "load them separately")
+        require_weights(folder, adapter=True)
         with _head_sized_for(self.model, len(meta["labels"])):
             self.model.load_adapter(str(folder), adapter_name=name)
         self.model.to(self.device).eval()
@@ -145,6 +151,19 @@ class Predictor:
         the task's metrics come from predictions (NER, classification), instead of predicting again."""
         t, model = self.use(adapter, task)
         return t.evaluate(model, examples, self.device, self.bf16, self.batch_size, desc, predictions=predictions)
+
+    def unreadable(self, examples: list, adapter: str | None = None, task: str | None = None) -> str | None:
+        """A warning when this model's tokenizer reads much of the examples as [UNK] (text in a script its
+        vocabulary lacks, as training would refuse): its predictions on them mean little. None otherwise."""
+        from tunelab.models import UNK_WARNING, unk_share
+
+        t = self.task_for(adapter, task)
+        share = unk_share(t.encode(examples, training=False), t.tokenizer)
+        if share <= UNK_WARNING:
+            return None
+        return (f"{share:.0%} of the input's tokens are {t.tokenizer.unk_token} for this model's tokenizer: it cannot "
+                "read this text well, and its predictions on it mean little (use a model whose vocabulary covers "
+                "the text's script)")
 
     def task_for(self, adapter: str | None = None, task: str | None = None):
         """The task object a call with these arguments uses: the multi-task folder's task `task`, or the

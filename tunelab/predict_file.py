@@ -56,13 +56,13 @@ def scan(items: Iterable) -> Summary:
 
 def predict_file(predictor, open_inputs: Callable[[], Iterable], output: str | None, *, task: str | None = None,
                  on_error: str = "fail", chunk_size: int = 1000, max_new_tokens: int | None = None,
-                 warn=None) -> Summary:
+                 warn=None, source: str | None = None) -> Summary:
     """Predict every input of `open_inputs()` (a fresh iterator of examples, raw TextExamples and BadLines on
     each call) and write one record per example to `output` (JSONL; CoNLL columns for NER when it ends in
     .conll), or to standard output when it is None. `warn(message)` reports bad lines (default: stderr).
 
     on_error="fail": any bad line raises TunelabError before anything is predicted or written.
-    on_error="skip": bad lines are reported and left out."""
+    on_error="skip": bad lines are reported and left out. `source`: the input's name, for messages."""
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be fail or skip, not {on_error!r}")
     if chunk_size < 1:
@@ -90,8 +90,8 @@ def predict_file(predictor, open_inputs: Callable[[], Iterable], output: str | N
                                f"{summary.bad[0].line}; nothing was written (fix them, or pass --on-error skip "
                                "to leave them out)")
     if not summary.examples:
-        raise TunelabError("no examples to predict" + (" (every line is bad)" if summary.bad_count else
-                                                       " (empty input?)"))
+        raise TunelabError((f"{source}: " if source else "") + "no examples to predict" +
+                           (" (every line is bad)" if summary.bad_count else " (empty input?)"))
 
     conll = output is not None and str(output).endswith(".conll") and "conll" in t.outputs
     # A model that reads neighbouring sentences gets the same neighbours as in one call: cut between documents.
@@ -100,11 +100,14 @@ def predict_file(predictor, open_inputs: Callable[[], Iterable], output: str | N
     bar = progress.bar(total=summary.examples, desc="predict", unit="example", disable=summary.examples <= 64)
     with bar, _output(output) as out:
         doc = None
-        for chunk in chunks(good, chunk_size, group):
+        for k, chunk in enumerate(chunks(good, chunk_size, group)):
             if isinstance(chunk[0], TextExample):  # raw text (prompts, texts to classify, text to split)
                 examples, offsets = t.text_examples(chunk)
             else:
                 examples, offsets = chunk, None
+            unreadable = predictor.unreadable(examples, task=task) if k == 0 else None  # the first chunk tells
+            if unreadable:
+                warn((f"{source}: " if source else "") + unreadable)
             predictions = predictor.predict(examples, task=task, max_new_tokens=max_new_tokens)
             if conll:
                 text, doc = t.conll(examples, predictions, doc)

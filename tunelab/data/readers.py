@@ -12,15 +12,25 @@ Formats (one record a line unless said; blank lines are skipped):
     text_lines        plain text                                       -> TextExample(text)
     jsonl_texts       {text: str, label: str|int} (label optional)     -> TextExample(text, label)
     jsonl_sentences   {tokens: [str], tags: [str]} (tags optional)     -> Sentence(words, tags IOB2, doc=line)
+                      unlabelled, or raw text {text: str} instead      -> TextExample(text) (one way per file)
     csv_texts         a header, then rows (a quoted value may span lines; line = where the row starts)
                       with the text and label columns                  -> TextExample(text, label)
     conll_sentences   a token a line, word first, blank line between sentences, -DOCSTART- between
                       documents; tags from one column (None: unlabelled) -> Sentence(words, tags IOB2, doc)
 Files are read as UTF-8 (a BOM is ignored); bytes that are not UTF-8 make their line (or CoNLL sentence) bad.
+So does a C0/C1 control character other than tab, line feed and carriage return (CONTROL: U+0000-U+0008,
+U+000B, U+000C, U+000E-U+001F, U+007F-U+009F) in a text, label, token or tag (text lines and CoNLL: anywhere
+in the line), checked by `_no_control`, the one place for it.
+A JSONL file of classification labels writes every label the same way: all names, or all integers (else a
+bad line).
+NER tags read as IOB2 with an I- tag that starts an entity (IOB1's way) are repaired to B-, with a warning
+(logger "tunelab.data") naming the first such tag's file:line.
 """
 
 import csv
 import json
+import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +39,14 @@ from typing import NamedTuple
 from tunelab.data.examples import Sentence, TextExample
 from tunelab.data.tags import to_iob2
 from tunelab.errors import TunelabError, where
+
+log = logging.getLogger("tunelab.data")
+
+# C0 and C1 control characters but tab, line feed and carriage return: never part of a text, label, token or
+# tag (a NUL from a binary file or a broken conversion, an escape sequence, a form feed), invisible in output
+# and messages. Python's str.split() even takes U+001C-U+001F as white space. The server refuses them too.
+CONTROL_RANGES = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"  # (inside a character class, in Python as in JSON Schema)
+CONTROL = re.compile(f"[{CONTROL_RANGES}]")
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,32 @@ def _check_bytes(line: str, n: int, start: int | None = None, note: str = "") ->
                    f"UTF-8{note}", f"byte 0x{byte:02x} at line {n}, character {char}") from None
 
 
+def control_character(text: str) -> str | None:
+    """The first control character (CONTROL) of `text` as a message says it, 'control character U+0000 at
+    character 7'; None when there is none."""
+    m = CONTROL.search(text)
+    return None if m is None else f"control character U+{ord(m.group()):04X} at character {m.start() + 1}"
+
+
+def _no_control(value: str, what: str = "", note: str = "") -> str:
+    """Raise _Bad when `value` holds a control character; `what` says where ("field 'text': ")."""
+    found = control_character(value)
+    if found:
+        raise _Bad(f"{what}{found}; remove it{note}")
+    return value
+
+
+def _blank(line: str) -> bool:
+    """A line to skip: nothing but white space (a line of control characters is not blank: it is bad)."""
+    return not line.strip() and control_character(line) is None
+
+
+def _valid(value: str, name: str, item: str = "") -> str:
+    """A string decoded from a record's field `name` (`item`: which of its list, "token 3"): no lone surrogate,
+    no control character."""
+    return _no_control(_no_surrogate(value, name), f"field {name!r}{', ' + item if item else ''}: ")
+
+
 def _no_surrogate(value: str, name: str) -> str:
     """A value decoded from a JSON escape such as \\ud800 can be a lone surrogate, which no UTF-8 text holds
     (writing it out, or tokenizing it, would fail later)."""
@@ -131,9 +175,11 @@ def _text(record: dict, field: Field) -> str:
     if field.name not in record:
         raise _Bad(f"no field {field.name!r} (fields: {', '.join(record) or 'none'}); {field.hint}")
     value = record[field.name]
+    if isinstance(value, str):
+        _valid(value, field.name)
     if not isinstance(value, str) or not value.strip():
         raise _Bad(f"field {field.name!r} must be a non-empty string, got {value!r:.60}")
-    return _no_surrogate(value, field.name)
+    return value
 
 
 def _label(record: dict, field: Field, free_text: bool) -> str:
@@ -146,7 +192,7 @@ def _label(record: dict, field: Field, free_text: bool) -> str:
     value = record[field.name]
     if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
         raise _Bad(f"field {field.name!r} must be a label name or integer, got {value!r:.60}")
-    return _no_surrogate(str(value), field.name)
+    return _valid(str(value), field.name)
 
 
 # --- plain text --------------------------------------------------------------------------------------------
@@ -155,10 +201,11 @@ def _label(record: dict, field: Field, free_text: bool) -> str:
 def text_lines(path) -> Iterator[TextExample | BadLine]:
     """One input a line, kept as written (spaces included): unlabelled, for prediction."""
     for n, line in _lines(path):
-        if not line.strip():
+        if _blank(line):
             continue
         try:
             _check_bytes(line, n)
+            _no_control(line)
             yield TextExample(line, None, str(path), n)
         except _Bad as e:
             yield e.at(path, n)
@@ -170,7 +217,7 @@ def text_lines(path) -> Iterator[TextExample | BadLine]:
 def _json_objects(path) -> Iterator[tuple[int, dict | BadLine]]:
     """(line number, the line's JSON object, or a BadLine) for each non-blank line: the one JSONL parser."""
     for n, line in _lines(path):
-        if not line.strip():
+        if _blank(line):
             continue
         try:
             _check_bytes(line, n)
@@ -187,50 +234,114 @@ def _json_objects(path) -> Iterator[tuple[int, dict | BadLine]]:
             yield n, e.at(path, n)
 
 
-def jsonl_texts(path, text: Field, label: Field | None = None, free_text: bool = False
+def jsonl_texts(path, text: Field, label: Field | None = None, free_text: bool = False, one_label_kind: bool = False
                 ) -> Iterator[TextExample | BadLine]:
-    """A text (and with `label`, a label; `free_text`: the label is text, a generation target) a line."""
+    """A text (and with `label`, a label; `free_text`: the label is text, a generation target) a line. With
+    `one_label_kind` (classification data) labels are all names or all integers: a label written the other way
+    than the file's first one is a bad line (JSON 1 and "neg": a set written by two hands, or numbers that stand
+    for names)."""
+    first = None  # (the first label's kind, its line)
     for n, obj in _json_objects(path):
         if isinstance(obj, BadLine):
             yield obj
             continue
         try:
             value = _text(obj, text)
-            yield TextExample(value, _label(obj, label, free_text) if label else None, str(path), n)
+            name = _label(obj, label, free_text) if label else None
+            if label and not free_text and one_label_kind:
+                raw = obj[label.name]
+                kind = "a number" if isinstance(raw, int) else "text"
+                first = first or (kind, n)
+                if kind != first[0]:
+                    raise _Bad(f"label {json.dumps(raw, ensure_ascii=False):.60} is {kind} but earlier labels are "
+                               f"{'numbers' if first[0] == 'a number' else 'text'} (from line {first[1]}); write all "
+                               "labels the same way")
+            yield TextExample(value, name, str(path), n)
         except _Bad as e:
             yield e.at(path, n)
 
 
-def jsonl_sentences(path, tokens: Field, tags: Field | None = None, scheme: str = "iob2"
-                    ) -> Iterator[Sentence | BadLine]:
-    """A pre-split sentence a line (each line its own document); with `tags`, one tag per token in `scheme`."""
+def jsonl_sentences(path, tokens: Field, tags: Field | None = None, scheme: str = "iob2", text: Field | None = None
+                    ) -> Iterator[Sentence | TextExample | BadLine]:
+    """A pre-split sentence a line (each line its own document); with `tags`, one tag per token in `scheme`.
+    With `text` (unlabelled input), a record without the tokens field may give raw text in the text field
+    instead (-> TextExample, split into words as text lines are); a file is read one way, the first record's:
+    a record written the other way is a bad line."""
     if tags:
         to_iob2([], scheme)  # an unknown scheme is a setting mistake: raise it before reading
+    iob1 = _Iob1Note(path, scheme)
+    first = None  # (the field the file's first good record was read from, its line)
     for n, obj in _json_objects(path):
         if isinstance(obj, BadLine):
             yield obj
             continue
         try:
-            words = obj.get(tokens.name)
-            if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
-                raise _Bad(f"field {tokens.name!r} must be a non-empty list of non-empty strings" + (
-                    "" if tokens.name in obj else f" (fields: {', '.join(obj) or 'none'}); {tokens.hint}"))
-            for w in words:
-                _no_surrogate(w, tokens.name)
-            yield Sentence(words, _sentence_tags(obj, tags, len(words), scheme) if tags else None, n, str(path), n)
+            # the tokens field when there is one; else raw text, when the record has it or the file is raw text
+            raw = text is not None and tokens.name not in obj and (text.name in obj or bool(first and
+                                                                                          first[0] == text.name))
+            if first and first[0] != (text if raw else tokens).name:
+                this = (f"raw text in {text.name!r} (no field {tokens.name!r}; fields: {', '.join(obj)})" if raw
+                        else f"a token list in {tokens.name!r}")
+                raise _Bad(f"{this}, but the records before it (from line {first[1]}) are "
+                           f"{'token lists' if raw else 'raw text'}; write every record of a file the same way")
+            if raw:
+                item = TextExample(_text(obj, text), None, str(path), n)
+            else:
+                item = _sentence(obj, n, path, tokens, tags, scheme, text, iob1)
+            first = first or ((text if raw else tokens).name, n)
+            yield item
         except _Bad as e:
             yield e.at(path, n)
 
 
-def _sentence_tags(obj: dict, tags: Field, n_words: int, scheme: str) -> list[str]:
+def _sentence(obj: dict, n: int, path, tokens: Field, tags: Field | None, scheme: str, text: Field | None,
+              iob1: "_Iob1Note") -> Sentence:
+    words = obj.get(tokens.name)
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+        raise _Bad(f"field {tokens.name!r} must be a non-empty list of non-empty strings" + (
+            "" if tokens.name in obj else f" (fields: {', '.join(obj) or 'none'}); {tokens.hint}" + (
+                f", or give raw text in a field {text.name!r}" if text else "")))
+    for i, w in enumerate(words, 1):
+        _valid(w, tokens.name, f"token {i}")
+    return Sentence(words, _sentence_tags(obj, tags, len(words), scheme, iob1, n) if tags else None, n, str(path), n)
+
+
+def _sentence_tags(obj: dict, tags: Field, n_words: int, scheme: str, iob1: "_Iob1Note", n: int) -> list[str]:
     value = obj.get(tags.name)
     if not isinstance(value, list) or len(value) != n_words:
         raise _Bad(f"field {tags.name!r} must be a list with one tag per token ({n_words} tokens)" + (
             "" if tags.name in obj else f"; {tags.hint}"))
+    value = [_valid(str(t), tags.name, f"tag {i}") for i, t in enumerate(value, 1)]
     try:
-        return to_iob2([str(t) for t in value], scheme)
+        converted = to_iob2(value, scheme)
     except ValueError as e:
         raise _Bad(str(e)) from None
+    iob1.check(value, converted, lambda i: n)
+    return converted
+
+
+class _Iob1Note:
+    """Tags read as IOB2 in which an I- tag starts an entity (after O, at the start of a sentence, or after
+    another type), as IOB1 writes them: repaired to B- (tags.repair_iob2), which is also what reading them as
+    IOB1 gives, but the file is likely IOB1 (or broken) and the user should know. Said once per file, at the
+    first such tag."""
+
+    def __init__(self, path, scheme: str | None):
+        self.path, self.on = path, scheme == "iob2"  # (None: say nothing)
+
+    def check(self, tags: list[str], converted: list[str], line_of) -> None:
+        """`line_of(i)`: the line of the i-th tag (0-based)."""
+        if not self.on:
+            return
+        for i, (tag, new) in enumerate(zip(tags, converted)):
+            if tag != new:
+                after = f"after {tags[i - 1]!r}" if i else "at the start of a sentence"
+                log.warning(f"{where(self.path, line_of(i))}: tag {tag!r} starts an entity ({after}), as IOB1 "
+                            f"writes it; the tags were read as IOB2 (data.tag_scheme=iob2), which repairs it to "
+                            f"{new!r} (the first such tag of this file; any others alike); if the file is IOB1, "
+                            "data.tag_scheme=iob1 (--tag-scheme iob1) reads it as IOB1")
+                self.on = False
+                return
 
 
 # --- CSV / TSV ---------------------------------------------------------------------------------------------
@@ -311,14 +422,17 @@ def _csv_record(header: list[str], row: list[str], need: list[Field]) -> dict:
 # --- CoNLL columns -----------------------------------------------------------------------------------------
 
 
-def conll_sentences(path, tag_column: int | None = -1, scheme: str = "iob2") -> Iterator[Sentence | BadLine]:
+def conll_sentences(path, tag_column: int | None = -1, scheme: str = "iob2", note_iob1: bool = True
+                    ) -> Iterator[Sentence | BadLine]:
     """Sentences of a CoNLL file, the word from the first column and the tag from `tag_column` (negative
     counts from the end; None: unlabelled, any columns after the word are ignored). Every token line of a
     labelled file needs the same number of columns. A sentence with a bad line is one BadLine (its first
-    problem), yielded where the sentence ends."""
+    problem), yielded where the sentence ends. `note_iob1=False`: no warning about IOB1-looking tags (a
+    packaged set, about which the user can do nothing)."""
     labelled = tag_column is not None
     if labelled:
         to_iob2([], scheme)  # an unknown scheme is a setting mistake: raise it before reading
+    iob1 = _Iob1Note(path, scheme if note_iob1 else None)
     words, tags, start, bad = [], [], None, None
     doc, seen, ncols = 0, False, None
 
@@ -327,14 +441,17 @@ def conll_sentences(path, tag_column: int | None = -1, scheme: str = "iob2") -> 
             return bad
         if labelled:
             try:
-                return Sentence(words, to_iob2(tags, scheme), doc, str(path), start)
+                converted = to_iob2(tags, scheme)
             except ValueError as e:
                 return BadLine(str(path), start, f"sentence starting here: {e}")
+            iob1.check(tags, converted, lambda i: start + i)  # a sentence's token lines follow each other
+            return Sentence(words, converted, doc, str(path), start)
         return Sentence(words, None, doc, str(path), start)
 
     for n, line in _lines(path):
         cols = line.split()
-        if not cols or cols[0] == "-DOCSTART-":
+        # (a line with a control character is never a break: it belongs to a sentence, which it makes bad)
+        if (not cols or cols[0] == "-DOCSTART-") and control_character(line) is None:
             if words:
                 item = finish()
                 seen = seen or isinstance(item, Sentence)
@@ -345,11 +462,12 @@ def conll_sentences(path, tag_column: int | None = -1, scheme: str = "iob2") -> 
             continue
         if start is None:
             start = n
-        words.append(cols[0])
+        words.append(cols[0] if cols else line)
         if bad:
             continue
         try:
             _check_bytes(line, n, note=f" (the sentence starting at line {start} is left out)")
+            _no_control(line, note=f" (in the sentence starting at line {start})" if start != n else "")
             if labelled:
                 if len(cols) < 2:
                     raise _Bad(f"expected a word and a tag separated by whitespace, got {line!r}")

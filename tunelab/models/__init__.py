@@ -63,21 +63,51 @@ def load_tokenizer(path, trust_remote_code=False):
     return tok
 
 
+PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin", "model.ckpt", "tf_model.h5")
+
+
+def require_weights(folder, adapter: bool = False) -> None:
+    """A model folder must hold safetensors weights (an adapter folder: adapter_model.safetensors). One clear
+    error otherwise: which folder, what is missing, and that pickle weights are refused on purpose."""
+    folder = Path(folder)
+    wanted = ("adapter_model.safetensors",) if adapter else ("model.safetensors", "model.safetensors.index.json")
+    if any((folder / name).is_file() for name in wanted):
+        return
+    pickled = next((name for name in PICKLES if (folder / name).is_file()), None)
+    if pickled:
+        raise TunelabError(
+            f"{folder}: its weights are {pickled}, a pickle file, and tunelab loads only safetensors ({wanted[0]}): "
+            "unpickling a file can run any code it holds. If you trust the file, convert it once with "
+            "transformers, e.g. python -c \"from transformers import AutoModel as M; "
+            f"M.from_pretrained('{folder}').save_pretrained('{folder}')\" (with the Auto class of its task, "
+            "such as AutoModelForTokenClassification), then run this again")
+    raise TunelabError(f"{folder}: no model weights ({wanted[0]}) in this folder; a run folder gets them when its "
+                       "training finishes (an interrupted run: tunelab train RECIPE --resume)")
+
+
+def unk_share(features, tokenizer) -> float:
+    """The share of the features' tokens the tokenizer could not read ([UNK]); 0 for tokenizers without one."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return 0.0
+    total = sum(len(f["input_ids"]) for f in features)
+    return sum(t == unk for f in features for t in f["input_ids"]) / max(1, total)
+
+
 def check_coverage(features, tokenizer, model_name, max_share, warn=None) -> None:
     """A tokenizer whose vocabulary lacks the data's script turns it into [UNK]: training would 'work' and
     learn next to nothing. Say so before spending the compute (`warn(message)` for a large, allowed share)."""
-    unk = tokenizer.unk_token_id
-    if unk is None:
-        return
-    total = sum(len(f["input_ids"]) for f in features)
-    share = sum(t == unk for f in features for t in f["input_ids"]) / max(1, total)
+    share = unk_share(features, tokenizer)
     if share > max_share:
         raise TunelabError(f"model {model_name}: its tokenizer reads {share:.0%} of the training tokens as "
                            f"{tokenizer.unk_token} (limit model.max_unk_share={max_share}); it cannot read this "
                            "data. Use a model whose vocabulary covers the text's script (model.name=FOLDER), or "
                            "set model.max_unk_share=1 to train anyway")
-    if share > 0.05 and warn is not None:
+    if share > UNK_WARNING and warn is not None:
         warn(f"warning: {share:.1%} of the training tokens are {tokenizer.unk_token} for this tokenizer")
+
+
+UNK_WARNING = 0.05  # above this share of [UNK] tokens, training and prediction say so
 
 
 def model_class(task: str, config):
@@ -113,12 +143,9 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
     if type(config) not in cls._model_mapping:
         raise TunelabError(f"model {path}: transformers has no {kind.head} head for model type {config.model_type!r}, "
                            f"so it cannot be used for task={task}; choose another model")
+    require_weights(path)
     quiet_transformers()
-    try:
-        return cls.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise TunelabError(f"{path}: could not load safetensors weights ({e}); tunelab loads only "
-                           "model.safetensors, never pickle files") from None
+    return cls.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=trust_remote_code)
 
 
 def build_bert2bert(encoder, out) -> Path:

@@ -191,7 +191,10 @@ def load(folder, meta: dict) -> MultiTaskModel:
 
     from safetensors.torch import load_file
 
+    from tunelab.models import require_weights
+
     folder = Path(folder)
+    require_weights(folder)
     specs = {n: (t["task"], t["labels"]) for n, t in meta["tasks"].items()}
     model = build(folder, specs, pretrained=False)
     if meta.get("adapters"):

@@ -94,7 +94,12 @@ def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, work
         options.limits.check()
     except ValueError as e:
         raise TunelabError(str(e)) from None
-    read_meta(options.model_dir)  # a wrong folder fails here, before any process starts
+    from tunelab.models import require_weights
+
+    # a wrong folder fails here, before any process starts
+    require_weights(options.model_dir, adapter=bool(read_meta(options.model_dir).get("adapter")))
+    for folder in options.adapters.values():
+        require_weights(folder, adapter=bool(read_meta(folder).get("adapter")))
     api_key(options)
     if workers < 1:
         raise TunelabError("--workers must be at least 1")

@@ -3,7 +3,8 @@ checks that turn any request body into either a valid `Request` or an `ApiError`
 
 Error bodies are always `{"error": {"field": FIELD or null, "message": ...}}`; fields are written as
 `texts[2]`. 400: not JSON at all; 413: body too large; 415: not JSON content; 422: valid JSON that breaks
-the contract (wrong type, unknown field, empty or too long text, unknown task, a limit).
+the contract (wrong type, unknown field, empty or too long text, a control character in a text, unknown task,
+a limit).
 """
 
 import json
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from tunelab.data.readers import CONTROL_RANGES, control_character
 from tunelab.serve.model import ModelService, Route
 
 
@@ -112,7 +114,9 @@ def request_schema(limits: Limits) -> dict:
     schema = PredictRequest.model_json_schema()
     texts = schema["properties"]["texts"]
     texts.update(minItems=1, maxItems=limits.max_texts)
-    texts["items"].update(minLength=1, maxLength=limits.max_chars, pattern=r"\S")
+    # a character that is not white space, and no control character (tab, line feed, carriage return are fine)
+    texts["items"].update(minLength=1, maxLength=limits.max_chars,
+                          pattern=rf"^[^{CONTROL_RANGES}]*[^\s{CONTROL_RANGES}][^{CONTROL_RANGES}]*$")
     return schema
 
 
@@ -151,6 +155,9 @@ def parse_predict(body: bytes, content_type: str | None, service: ModelService, 
         field = f"texts[{i}]"
         if len(text) > limits.max_chars:
             raise ApiError(422, f"{len(text)} characters; at most {limits.max_chars} per text", field)
+        control = control_character(text)  # the same characters a file may not hold (tunelab.data.readers)
+        if control:
+            raise ApiError(422, f"{control}; remove it (tab, line feed and carriage return are fine)", field)
         if not text.strip():
             raise ApiError(422, "empty text (nothing but white space)", field)
         _check_utf8(text, field)

@@ -67,9 +67,13 @@ class ClassifyTask:
 
     @staticmethod
     def reader(path, fmt: str, labelled: bool, f):
-        """JSONL or CSV with a text (and label) field -> TextExample; unlabelled also text lines."""
+        """JSONL or CSV with a text (and label) field -> TextExample; unlabelled also text lines. JSONL labels
+        are all names or all integers (a file mixing them is refused at the first label written the other way)."""
+        from tunelab.data.readers import jsonl_texts
         from tunelab.tasks.common import text_reader
 
+        if fmt == "jsonl" and labelled:
+            return jsonl_texts(path, f.field("text_field"), f.field("label_field"), one_label_kind=True)
         return text_reader(path, fmt, labelled, f.field("text_field"), f.field("label_field") if labelled else None,
                            False, "classification")
 

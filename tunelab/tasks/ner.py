@@ -169,15 +169,16 @@ class NerTask:
 
     @staticmethod
     def reader(path, fmt: str, labelled: bool, f):
-        """CoNLL columns or JSONL token lists -> Sentence; unlabelled also text lines -> raw TextExample
-        (split into words by text_examples). f: tunelab.data.kinds.Fields. Lazy: examples and BadLines."""
+        """CoNLL columns or JSONL token lists -> Sentence; unlabelled also text lines, or JSONL records with raw
+        text in the text field instead of a token list -> raw TextExample (split into words by text_examples).
+        f: tunelab.data.kinds.Fields. Lazy: examples and BadLines."""
         from tunelab.data.readers import conll_sentences, jsonl_sentences, text_lines
 
         if fmt == "conll":
             return conll_sentences(path, f.tag_column if labelled else None, f.tag_scheme)
         if fmt == "jsonl":
             return jsonl_sentences(path, f.field("tokens_field"), f.field("tags_field") if labelled else None,
-                                   f.tag_scheme)
+                                   f.tag_scheme, None if labelled else f.field("text_field"))
         if fmt == "text" and not labelled:
             return text_lines(path)
         if labelled:

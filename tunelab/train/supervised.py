@@ -69,6 +69,9 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         f"model {path} ({n_params / 1e6:.1f}M params) on {device}")
     log(f"tune.method={cfg.tune.method}: {tuning.describe(trainable, n_params)}")
     log(distributed.describe_batch(tc.batch_size, tc.grad_accum, dist))
+    if not splits.dev:
+        log("no dev split: no model selection or early stopping; the weights of the last step are saved (give "
+            "data.dev to select the best checkpoint)")
     if getattr(task, "truncated", 0):
         log(f"{task.truncated} of {len(features)} training texts are longer than {max_length} tokens and keep "
             "their beginning (raise model.max_length to keep more)")
@@ -155,6 +158,10 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     bar.close()
 
     # Model selection on dev; the test split is evaluated once, on the selected weights.
+    if state["evals"] and not any(task.score(e["metrics"]) for e in state["evals"]):
+        log(f"dev {kind.main_name} stayed at 0 over {len(state['evals'])} evaluation(s): the model has not learned "
+            f"the task yet ({state['step']} steps). Train longer (train.epochs), or take more steps with a smaller "
+            "train.batch_size, or a larger train.lr")
     if splits.dev:
         run.restore_best(out, model, device, dist, state)
     else:
