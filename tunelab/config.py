@@ -34,6 +34,7 @@ ESTIMATORS = ("reinforce", "rloo", "self_critical", "ppo")
 SAMPLINGS = ("proportional", "temperature", "round_robin", "annealed")
 WEIGHTINGS = ("fixed", "uncertainty", "pcgrad")
 SCHEDULERS = ("linear", "cosine", "constant")
+ADVERSARIAL = ("none", "fgm", "pgd", "freelb")  # tunelab.robust: perturbations of the input embeddings
 DATA_FORMATS = tuple(f for f in FORMATS if f != "text")  # training data needs labels, which text lines lack
 
 
@@ -189,6 +190,19 @@ class RLConfig:
 
 
 @dataclass
+class RobustConfig:
+    """Robust fine-tuning (tunelab.robust; supervised and multi-task recipes, not rl). Norms are L2 per example
+    over its unpadded tokens x hidden size of the input embeddings."""
+    # fgm: one step of size epsilon | pgd: `steps` projected steps of size alpha, the last one trains |
+    # freelb: `steps` steps of size alpha from random noise, every one trains (gradients averaged)
+    adversarial: str = choice("none", ADVERSARIAL)
+    epsilon: float = ranged(1.0, gt=0)  # the radius of the perturbation (fgm: its exact size)
+    alpha: float = ranged(0.3, gt=0)  # pgd, freelb: the ascent step size
+    steps: int = ranged(3, ge=1)  # pgd, freelb: ascent steps K (ignored by fgm and none)
+    rdrop: float = ranged(0.0, ge=0)  # R-Drop: weight of the symmetric KL between two dropout passes; 0 = off
+
+
+@dataclass
 class RunConfig:
     task: str = choice("ner", RUN_TASKS)
     output_dir: str = "runs/run"
@@ -199,6 +213,7 @@ class RunConfig:
     tasks: dict[str, TaskSpec] = field(default_factory=dict)  # task: multitask
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # task: rl
+    robust: RobustConfig = field(default_factory=RobustConfig)  # supervised and multi-task recipes
     track: TrackConfig = field(default_factory=TrackConfig)
 
 
@@ -380,6 +395,11 @@ def _validate_multitask(cfg: RunConfig, sources: dict):
 
 def _validate_rl(cfg: RunConfig, sources: dict):
     r = cfg.rl
+    changed = [f.name for f in dataclasses.fields(RobustConfig) if getattr(cfg.robust, f.name) != f.default]
+    if changed:
+        raise _fail(sources, f"robust.{changed[0]}", f"config key 'robust.{changed[0]}': task: rl has no robust "
+                    "fine-tuning (adversarial training and R-Drop act on a supervised loss); remove the robust "
+                    "section")
     if cfg.data.dataset is None and cfg.data.train is None:
         raise TunelabError("config: set data.dataset (a built-in set of prompts) or data.train (a file with a "
                            f"{cfg.data.prompt_field!r} field per line)")

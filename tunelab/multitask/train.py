@@ -26,6 +26,7 @@ from tunelab.models import check_coverage, load_tokenizer, resolve_model_path
 from tunelab.multitask import model as mtm
 from tunelab.multitask.sampling import TaskStream, pick_task, task_probabilities
 from tunelab.multitask.weighting import UncertaintyWeights, pcgrad
+from tunelab.robust import step_from_config
 from tunelab.tasks import task_type
 from tunelab.train import checkpoint, run
 from tunelab.train.optim import build_optimizer, step as optimizer_step
@@ -49,7 +50,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
     distributed.check_batch(tc.batch_size, dist)
     device = dist.device
     names = list(cfg.tasks)
-    step = step or Step()
+    step = step or step_from_config(cfg.robust, tc.seed)  # the robust: section's components, if any
 
     # Data and labels per task.
     splits, labels = {}, {}
@@ -180,6 +181,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
         "processes": dist.world, "global_batch": tc.batch_size * tc.grad_accum,
         "peak_memory_mb": track.peak_memory_mb(device),
         "tune": {"method": cfg.tune.method, "trainable_params": trainable, "total_params": n_params},
+        "robust": config_mod.to_dict(cfg.robust),  # the robust: section, so that runs compare by method
         "history": state["history"], "evals": state["evals"], "dev": state["best"], "tasks": {},
     }
     best = next((e for e in state["evals"] if e["step"] == state["best_step"]), None)

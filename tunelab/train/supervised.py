@@ -19,6 +19,7 @@ from tunelab import progress, track
 from tunelab.data import Splits, check_labels, load_splits
 from tunelab.data.batching import collate, epoch_batches
 from tunelab.models import check_coverage, load_model, load_tokenizer, resolve_model_path
+from tunelab.robust import step_from_config
 from tunelab.tasks import task_type
 from tunelab.train import checkpoint, run
 from tunelab.train.optim import build_optimizer, step as optimizer_step
@@ -42,7 +43,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     dist = distributed.start(tc.device)
     distributed.check_batch(tc.batch_size, dist)
     device = dist.device
-    step = step or Step()
+    step = step or step_from_config(cfg.robust, tc.seed)  # the robust: section's components, if any
 
     # Data and labels: a dev/test label never seen in training is an error, not a silent zero.
     splits = splits if splits is not None else load_splits(cfg.data, cfg.task)
@@ -177,6 +178,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         "processes": dist.world, "global_batch": tc.batch_size * tc.grad_accum,
         "peak_memory_mb": track.peak_memory_mb(device),
         "tune": {"method": cfg.tune.method, "trainable_params": trainable, "total_params": n_params},
+        "robust": config_mod.to_dict(cfg.robust),  # the robust: section, so that runs compare by method
         "seed": tc.seed, "history": state["history"], "evals": state["evals"],
         "dev": next((e["metrics"] for e in state["evals"] if e["step"] == state["best_step"]), None),
         "test": None,
