@@ -217,7 +217,8 @@ def test_supervised_run_with_fgm_and_rdrop(tmp_path, conll_dir, tiny_model_dir):
     cfg = load_config(None, ner_overrides(conll_dir, tiny_model_dir, out, **{
         "train.epochs": 1, "robust.adversarial": "fgm", "robust.rdrop": 1}))
     report = train(cfg)
-    assert report["robust"] == {"adversarial": "fgm", "epsilon": 1.0, "alpha": 0.3, "steps": 3, "rdrop": 1.0}
+    assert report["robust"] == {"adversarial": "fgm", "epsilon": 1.0, "alpha": 0.3, "steps": 3, "rdrop": 1.0,
+                                "augment": {}, "augment_intensity": 0.1}
     assert all(math.isfinite(h["loss"]) for h in report["history"])
     assert all({"perturb/loss", "perturb/delta_norm", "term/rdrop"} <= set(h) for h in report["history"])
     start = load_file(tiny_model_dir / "model.safetensors")

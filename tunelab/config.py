@@ -35,6 +35,8 @@ SAMPLINGS = ("proportional", "temperature", "round_robin", "annealed")
 WEIGHTINGS = ("fixed", "uncertainty", "pcgrad")
 SCHEDULERS = ("linear", "cosine", "constant")
 ADVERSARIAL = ("none", "fgm", "pgd", "freelb")  # tunelab.robust: perturbations of the input embeddings
+# tunelab.robust.augment.OPS (that module's registry is checked against this list by a test)
+AUGMENTATIONS = ("char_noise", "case", "swap", "delete", "insert", "neighbours", "mentions")
 DATA_FORMATS = tuple(f for f in FORMATS if f != "text")  # training data needs labels, which text lines lack
 
 
@@ -200,6 +202,9 @@ class RobustConfig:
     alpha: float = ranged(0.3, gt=0)  # pgd, freelb: the ascent step size
     steps: int = ranged(3, ge=1)  # pgd, freelb: ascent steps K (ignored by fgm and none)
     rdrop: float = ranged(0.0, ge=0)  # R-Drop: weight of the symmetric KL between two dropout passes; 0 = off
+    # data augmentation, each epoch anew: operation -> probability per training example (AUGMENTATIONS)
+    augment: dict[str, float] = field(default_factory=dict)
+    augment_intensity: float = ranged(0.1, gt=0, le=1)  # how much an operation changes (share of words, ...)
 
 
 @dataclass
@@ -349,6 +354,13 @@ def _check_fields(obj, prefix: str, sources: dict):
 
 def _validate(cfg: RunConfig, sources: dict):
     _check_fields(cfg, "", sources)
+    for op, p in cfg.robust.augment.items():
+        key = f"robust.augment.{op}"
+        if op not in AUGMENTATIONS:
+            raise _fail(sources, key, f"config key {key!r}: no augmentation {op!r}; one of {', '.join(AUGMENTATIONS)}")
+        if not 0 < p <= 1:
+            raise _fail(sources, key, f"config key {key!r}: {p!r} is out of range (must be > 0 and <= 1: the "
+                        "probability per training example)")
     # Rules between fields.
     if cfg.tune.merge and cfg.tune.method not in ("lora", "ia3"):
         raise _fail(sources, "tune.merge", "config key 'tune.merge': only lora and ia3 adapters merge into the "
@@ -395,7 +407,8 @@ def _validate_multitask(cfg: RunConfig, sources: dict):
 
 def _validate_rl(cfg: RunConfig, sources: dict):
     r = cfg.rl
-    changed = [f.name for f in dataclasses.fields(RobustConfig) if getattr(cfg.robust, f.name) != f.default]
+    default = RobustConfig()
+    changed = [f.name for f in dataclasses.fields(RobustConfig) if getattr(cfg.robust, f.name) != getattr(default, f.name)]
     if changed:
         raise _fail(sources, f"robust.{changed[0]}", f"config key 'robust.{changed[0]}': task: rl has no robust "
                     "fine-tuning (adversarial training and R-Drop act on a supervised loss); remove the robust "

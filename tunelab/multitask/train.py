@@ -26,7 +26,7 @@ from tunelab.models import check_coverage, load_tokenizer, resolve_model_path
 from tunelab.multitask import model as mtm
 from tunelab.multitask.sampling import TaskStream, pick_task, task_probabilities
 from tunelab.multitask.weighting import UncertaintyWeights, pcgrad
-from tunelab.robust import step_from_config
+from tunelab.robust import augmenter_from_config, step_from_config
 from tunelab.tasks import task_type
 from tunelab.train import checkpoint, run
 from tunelab.train.optim import build_optimizer, step as optimizer_step
@@ -93,7 +93,9 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
     optimizer, scheduler = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, tc.scheduler,
                                            round(tc.warmup_ratio * total_steps), total_steps, heads)
     eval_every = tc.eval_every or steps_per_epoch
-    epoch_data = {n: (epoch_data or {}).get(n) or (lambda seed, epoch, encoded=features[n]: encoded) for n in names}
+    epoch_data = {n: (epoch_data or {}).get(n) or
+                  augmenter_from_config(cfg.robust, splits[n].train, tasks[n], model.heads[n], same_count=True) or
+                  (lambda seed, epoch, encoded=features[n]: encoded) for n in names}
     streams = {n: TaskStream(epoch_data[n], sizes[n], tc.batch_size, tc.seed + i, tc.group_by_length, n)
                for i, n in enumerate(names)}
     shared = [p for p in model.backbone.parameters() if p.requires_grad]

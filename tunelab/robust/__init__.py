@@ -5,7 +5,7 @@ where the `robust:` config section becomes them (the recipes call it when they a
 from tunelab.robust.adversarial import FGM, PGD, FreeLB
 from tunelab.robust.rdrop import RDrop
 
-__all__ = ["FGM", "PGD", "FreeLB", "RDrop", "step_from_config"]
+__all__ = ["FGM", "PGD", "FreeLB", "RDrop", "step_from_config", "augmenter_from_config"]
 
 
 def step_from_config(robust, seed: int = 0):
@@ -25,3 +25,31 @@ def step_from_config(robust, seed: int = 0):
     else:
         perturbation = None
     return Step(terms=terms, perturbation=perturbation)
+
+
+def augmenter_from_config(robust, examples: list, task, model=None, same_count: bool = False):
+    """The per-epoch data (f(seed, epoch) -> features) the `robust.augment` section asks for: the training
+    examples augmented anew every epoch (tunelab.robust.augment), encoded by `task`; None without a section.
+    model: its input embeddings give the `neighbours` operation its word neighbours. same_count: every epoch
+    keeps the original number of features (the multi-task recipe's streams need it)."""
+    if not robust.augment:
+        return None
+    from functools import partial
+
+    from tunelab.data.examples import Sentence, TextExample
+    from tunelab.errors import TunelabError
+    from tunelab.robust import augment as aug
+
+    if not isinstance(examples[0], (Sentence, TextExample)):
+        raise TunelabError(f"config key 'robust.augment': augmentation changes the text of NER sentences or texts to "
+                           f"classify; a {task.kind} task's examples have none of its operations")
+    ops = []
+    for name, p in robust.augment.items():
+        op = aug.OPS[name]
+        if name == "neighbours":
+            op = partial(op, neighbours=aug.embedding_neighbours(model.get_input_embeddings().weight.detach().float().cpu(),
+                                                                 task.tokenizer))
+        elif name == "mentions":
+            op = partial(op, pool=aug.mention_pool([e for e in examples if isinstance(e, Sentence)]))
+        ops.append((op, p, robust.augment_intensity))
+    return aug.epoch_augmenter(examples, lambda xs: task.encode(xs, training=True), ops, same_count=same_count)

@@ -360,3 +360,9 @@ def epoch_augmenter(examples: list, encode, ops, seed: int | None = None, same_c
                 feats = encode(batch)
         return feats
     return f
+
+
+# The operations the `robust.augment` config section names (tunelab.config.AUGMENTATIONS lists the same names).
+# neighbours and mentions need data: embedding_neighbours(...) / mention_pool(...), bound with partial.
+OPS = {"char_noise": char_noise, "case": case_flip, "swap": word_swap, "delete": word_delete,
+       "insert": word_insert, "neighbours": neighbour_replace, "mentions": mention_replace}

@@ -19,7 +19,7 @@ from tunelab import progress, track
 from tunelab.data import Splits, check_labels, load_splits
 from tunelab.data.batching import collate, epoch_batches
 from tunelab.models import check_coverage, load_model, load_tokenizer, resolve_model_path
-from tunelab.robust import step_from_config
+from tunelab.robust import augmenter_from_config, step_from_config
 from tunelab.tasks import task_type
 from tunelab.train import checkpoint, run
 from tunelab.train.optim import build_optimizer, step as optimizer_step
@@ -61,7 +61,8 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
 
     features = task.encode(splits.train, training=True)
     check_coverage(features, tokenizer, cfg.model.name, cfg.model.max_unk_share, warn=log)
-    epoch_data = epoch_data or (lambda seed, epoch, encoded=features: encoded)
+    epoch_data = epoch_data or augmenter_from_config(cfg.robust, splits.train, task, model) or \
+        (lambda seed, epoch, encoded=features: encoded)
     run.claim_output(out, cfg, resume, overwrite, dist)
     lengths = [len(f["input_ids"]) for f in features]
     trainable, n_params = tuning.count(model)
