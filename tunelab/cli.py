@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", "-o", help="also write the metrics (JSON) here")
     e.add_argument("--predictions", help="write the predictions here (.conll for NER columns, else JSONL)")
     e.add_argument("--task", help="multi-task folders: the task to evaluate")
+    e.add_argument("--perturb", metavar="OP=P,...",
+                   help="robustness: also score a seeded perturbed copy of the data, each operation applied to an "
+                        "example with probability P (char_noise, case, swap, delete, insert, neighbours, mentions; "
+                        "e.g. char_noise=0.05,mentions=0.2), and report clean, perturbed and the drop")
+    e.add_argument("--perturb-intensity", type=float, default=0.1,
+                   help="--perturb: how much an operation changes, as a share of words or characters "
+                        "(default: %(default)s)")
+    e.add_argument("--perturb-seed", type=int, default=0, help="--perturb: the seed (default: %(default)s)")
+    e.add_argument("--plot", metavar="PNG", help="--perturb: a bar chart of clean vs perturbed scores")
 
     r = sub.add_parser("predict", help="predict with a trained model folder",
                        description="Predict on a text given on the command line, or a file: .txt (one text a "
@@ -209,6 +218,7 @@ def cmd_eval(args) -> int:
     from tunelab.predict import Predictor
     from tunelab.report import metrics_table
 
+    spec = _perturb_spec(args) if args.perturb else None  # a mistake in it stops the run before any work
     pred = Predictor(args.model_dir, args.device, args.batch_size, args.bf16)
     info = pred.task_meta(args.task)
     task = pred.task_for(task=args.task)
@@ -230,11 +240,58 @@ def cmd_eval(args) -> int:
     predictions = pred.predict(examples, desc="predict", task=args.task) if args.predictions else None
     metrics = pred.evaluate(examples, desc="eval", task=args.task, predictions=predictions)
     print(metrics_table(metrics))
+    doc = metrics
+    if spec:
+        doc = _robustness(args, spec, pred, task, examples, metrics)
     if args.output:
-        atomic_write_json(args.output, metrics)
+        atomic_write_json(args.output, doc)
     if args.predictions:
         write_predictions(args.predictions, task, examples, predictions)
     return 0
+
+
+def _perturb_spec(args) -> dict[str, float]:
+    """--perturb char_noise=0.05,mentions=0.2 -> {"char_noise": 0.05, "mentions": 0.2}; it and the other
+    --perturb options checked."""
+    from tunelab.config import AUGMENTATIONS
+
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise TunelabError(f"--plot {args.plot}: the chart is written as PNG; name a .png file")
+    if not 0 < args.perturb_intensity <= 1:
+        raise TunelabError(f"--perturb-intensity {args.perturb_intensity}: must be in (0, 1]")
+    spec = {}
+    for part in filter(None, (p.strip() for p in args.perturb.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            p = float(value)
+        except ValueError:
+            p = None
+        if not sep or name not in AUGMENTATIONS or p is None or not 0 < p <= 1:
+            raise TunelabError(f"--perturb {part!r}: write OP=P with OP one of {', '.join(AUGMENTATIONS)} and P a "
+                               "probability in (0, 1]")
+        spec[name] = p
+    if not spec:
+        raise TunelabError("--perturb: name at least one operation, e.g. --perturb char_noise=0.05")
+    return spec
+
+
+def _robustness(args, spec: dict, pred, task, examples, clean: dict) -> dict:
+    """Score a seeded perturbed copy of `examples` beside the clean score: printed, returned for -o, plotted."""
+    from tunelab.report import metrics_table, plot_robustness
+    from tunelab.robust import augment_ops
+    from tunelab.robust.augment import augment_all
+
+    ops = augment_ops(spec, args.perturb_intensity, examples, task, pred.use(task=args.task)[1], "--perturb")
+    perturbed = augment_all(examples, ops, args.perturb_seed, 0)
+    metrics = pred.evaluate(perturbed, desc="eval perturbed", task=args.task)
+    drop = clean["main"] - metrics["main"]
+    print(f"\n== perturbed ({args.perturb}, intensity {args.perturb_intensity}, seed {args.perturb_seed}) ==\n"
+          f"{metrics_table(metrics)}\n\n{task.main_name}: clean {task.format_main(clean)}, perturbed "
+          f"{task.format_main(metrics)}; main score drops by {drop:.4f}")
+    if args.plot:
+        plot_robustness(args.plot, clean, metrics, f"{task.main_name}: clean vs perturbed ({args.perturb})")
+    return {"clean": clean, "perturbed": metrics, "drop": drop,
+            "perturb": {"operations": spec, "intensity": args.perturb_intensity, "seed": args.perturb_seed}}
 
 
 def _builtin_names():

@@ -127,6 +127,32 @@ def plot_confusion(path, conf: dict, split: str) -> None:
     _save(fig, path)
 
 
+def plot_robustness(path, clean: dict, perturbed: dict, title: str) -> None:
+    """Clean vs perturbed scores as grouped bars: `main`, and each entity type's or class's F1 (NER per_type,
+    classification per_class) where the metrics have them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = clean.get("per_type") or clean.get("per_class") or {}
+    names = ["main"] + sorted(parts)
+    other = perturbed.get("per_type") or perturbed.get("per_class") or {}
+
+    def score(m, rows, n):
+        return m["main"] if n == "main" else rows.get(n, {}).get("f1", 0.0)
+
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names) + 2), 3.6))
+    ax.bar([x - 0.2 for x in xs], [score(clean, parts, n) for n in names], 0.4, label="clean")
+    ax.bar([x + 0.2 for x in xs], [score(perturbed, other, n) for n in names], 0.4, label="perturbed")
+    ax.set_xticks(list(xs), names)
+    ax.set(title=title, ylabel="score (main; per-type or per-class F1)")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig, path) -> None:
     import io
 

@@ -5,7 +5,7 @@ where the `robust:` config section becomes them (the recipes call it when they a
 from tunelab.robust.adversarial import FGM, PGD, FreeLB
 from tunelab.robust.rdrop import RDrop
 
-__all__ = ["FGM", "PGD", "FreeLB", "RDrop", "step_from_config", "augmenter_from_config"]
+__all__ = ["FGM", "PGD", "FreeLB", "RDrop", "step_from_config", "augmenter_from_config", "augment_ops"]
 
 
 def step_from_config(robust, seed: int = 0):
@@ -34,6 +34,16 @@ def augmenter_from_config(robust, examples: list, task, model=None, same_count: 
     keeps the original number of features (the multi-task recipe's streams need it)."""
     if not robust.augment:
         return None
+    from tunelab.robust import augment as aug
+
+    ops = augment_ops(robust.augment, robust.augment_intensity, examples, task, model, "config key 'robust.augment'")
+    return aug.epoch_augmenter(examples, lambda xs: task.encode(xs, training=True), ops, same_count=same_count)
+
+
+def augment_ops(probabilities: dict, intensity: float, examples: list, task, model=None, what: str = "augment"):
+    """[(op, p, intensity)] for tunelab.robust.augment.augment: each named operation (augment.OPS) with its
+    probability per example; `neighbours` gets the word neighbours of `model`'s input embeddings, `mentions`
+    the mention pool of `examples`."""
     from functools import partial
 
     from tunelab.data.examples import Sentence, TextExample
@@ -41,15 +51,15 @@ def augmenter_from_config(robust, examples: list, task, model=None, same_count: 
     from tunelab.robust import augment as aug
 
     if not isinstance(examples[0], (Sentence, TextExample)):
-        raise TunelabError(f"config key 'robust.augment': augmentation changes the text of NER sentences or texts to "
-                           f"classify; a {task.kind} task's examples have none of its operations")
+        raise TunelabError(f"{what}: augmentation changes the text of NER sentences or texts to classify; a "
+                           f"{task.kind} task's examples have none of its operations")
     ops = []
-    for name, p in robust.augment.items():
+    for name, p in probabilities.items():
         op = aug.OPS[name]
         if name == "neighbours":
-            op = partial(op, neighbours=aug.embedding_neighbours(model.get_input_embeddings().weight.detach().float().cpu(),
-                                                                 task.tokenizer))
+            weights = model.get_input_embeddings().weight.detach().float().cpu()
+            op = partial(op, neighbours=aug.embedding_neighbours(weights, task.tokenizer))
         elif name == "mentions":
             op = partial(op, pool=aug.mention_pool([e for e in examples if isinstance(e, Sentence)]))
-        ops.append((op, p, robust.augment_intensity))
-    return aug.epoch_augmenter(examples, lambda xs: task.encode(xs, training=True), ops, same_count=same_count)
+        ops.append((op, p, intensity))
+    return ops
