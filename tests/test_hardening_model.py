@@ -98,3 +98,31 @@ def test_the_pipeline_setting_the_readme_recommends_agrees_with_tunelab_predict(
     first = agreement("first")
     assert sum(map(len, ours)) > 0 and first >= 0.9, first
     assert first >= agreement("simple")
+
+
+def test_a_folder_trained_on_other_labels_gets_a_new_head(ner_run, tmp_path, caplog):
+    """Re-training a fine-tuned NER folder on another label set: the backbone is kept, the head starts anew
+    (with a warning), instead of transformers' shape error; the same labels keep the trained head."""
+    import logging
+
+    import torch
+
+    from tunelab.models import load_model
+
+    src, _ = ner_run
+    labels = json.loads((src / "tunelab.json").read_text())["labels"]
+    trained = load_model(src, "ner", labels)
+    with caplog.at_level(logging.WARNING, logger="tunelab.models"):
+        same = load_model(src, "ner", labels)
+    assert not caplog.records
+    assert torch.equal(same.classifier.weight, trained.classifier.weight)
+
+    for other in (["O", "B-X", "I-X"], list(reversed(labels))):  # another count; the same count, other meaning
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tunelab.models"):
+            model = load_model(src, "ner", other)
+        assert "its head was trained for the labels" in caplog.text and "starts anew" in caplog.text
+        assert model.config.id2label == dict(enumerate(other)) and model.classifier.out_features == len(other)
+        if len(other) == len(labels):
+            assert not torch.equal(model.classifier.weight, trained.classifier.weight)
+        assert torch.equal(model.bert.embeddings.word_embeddings.weight, trained.bert.embeddings.word_embeddings.weight)

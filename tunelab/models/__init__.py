@@ -1,6 +1,7 @@
 """Backbone loading: a packaged model name or a local folder, with a task head, safetensors only."""
 
 import importlib.util
+import logging
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -137,6 +138,7 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     kind = task_type(task)
+    saved_labels = [config.id2label[i] for i in sorted(config.id2label)] if _has_label_head(config) else None
     kind.configure(config, labels)
     set_dropout(config, dropout)
     cls = kind.model_class(config)
@@ -144,8 +146,36 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
         raise TunelabError(f"model {path}: transformers has no {kind.head} head for model type {config.model_type!r}, "
                            f"so it cannot be used for task={task}; choose another model")
     require_weights(path)
+    # A folder fine-tuned on other labels (another label set, another count): its head cannot serve these
+    # labels, so a new one is initialised, and the user is told (transformers would raise on the shape).
+    fresh_head = kind.new_head and saved_labels is not None and saved_labels != list(labels)
+    if fresh_head:
+        logging.getLogger("tunelab.models").warning(
+            f"model {path}: its head was trained for the labels {', '.join(saved_labels[:8])}"
+            f"{' ...' if len(saved_labels) > 8 else ''}, not these {len(labels)}; the backbone is kept and the head "
+            "starts anew")
     quiet_transformers()
-    return cls.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=trust_remote_code)
+    model = cls.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                ignore_mismatched_sizes=fresh_head)
+    if fresh_head:  # (a head of the same size loaded its old rows, now meaning other labels: start it anew too)
+        import torch
+
+        from tunelab.peft import head_names
+
+        std = getattr(model.config, "initializer_range", 0.02)  # as transformers initialises a new head
+        for name in head_names(model, task):
+            for m in model.get_submodule(name).modules():
+                if isinstance(m, torch.nn.Linear):
+                    torch.nn.init.normal_(m.weight, std=std)
+                    if m.bias is not None:
+                        torch.nn.init.zeros_(m.bias)
+    return model
+
+
+def _has_label_head(config) -> bool:
+    """The folder holds a trained classification head (not a bare backbone whose config has default labels)."""
+    return any(a.endswith(("ForTokenClassification", "ForSequenceClassification"))
+               for a in (config.architectures or []))
 
 
 def build_bert2bert(encoder, out) -> Path:
