@@ -220,7 +220,6 @@ def cmd_eval(args) -> int:
 
     spec = _perturb_spec(args) if args.perturb else None  # a mistake in it stops the run before any work
     pred = Predictor(args.model_dir, args.device, args.batch_size, args.bf16)
-    info = pred.task_meta(args.task)
     task = pred.task_for(task=args.task)
     name, _, split = args.data.partition(":")
     if not Path(args.data).exists() and (split or name in _builtin_names()):
@@ -232,7 +231,7 @@ def cmd_eval(args) -> int:
     else:
         examples = _read_labelled(args, task.kind, args.data)
     # A label the model never learned cannot be predicted: say so instead of scoring it as a silent miss.
-    check_known_labels(examples, info["labels"], "is not one the model was trained on")
+    check_known_labels(examples, task.labels, "is not one the model was trained on")
     unreadable = pred.unreadable(examples, task=args.task)
     if unreadable:
         print(f"tunelab: warning: {args.data}: {unreadable}", file=sys.stderr)

@@ -45,6 +45,11 @@ def file_format(path, fmt: str | None) -> str:
                        "(conll, jsonl or csv)")
 
 
+def check_format(path, fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise TunelabError(f"{path}: unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
 def open_reader(path, kind: str, fmt: str, labelled: bool, fields: Fields) -> Iterator:
     """The lazy reader of `path` for a task of kind `kind` (examples and BadLines). A format the kind cannot
     read, or a missing file, raises TunelabError at once; the file is opened when iteration starts."""
@@ -52,8 +57,7 @@ def open_reader(path, kind: str, fmt: str, labelled: bool, fields: Fields) -> It
 
     if kind not in REGISTRY:
         raise ValueError(f"unknown task kind {kind!r}")
-    if fmt not in FORMATS:
-        raise TunelabError(f"{path}: unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_format(path, fmt)
     reader = REGISTRY[kind].reader(path, fmt, labelled, fields)
     if not Path(path).is_file():
         raise TunelabError(f"{path}: no such file")

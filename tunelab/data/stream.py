@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tunelab.data.examples import Sentence, TextExample
-from tunelab.data.kinds import FORMATS, Fields, file_format, open_reader
+from tunelab.data.kinds import FORMATS, Fields, check_format, file_format, open_reader
 from tunelab.data.readers import BadLine
 from tunelab.errors import TunelabError, where
 
@@ -95,8 +95,7 @@ def texts_of(path, fmt: str) -> Iterator[TextExample | Sentence | BadLine]:
 
     if not Path(path).is_file():
         raise TunelabError(f"{path}: no such file")
-    if fmt not in FORMATS:
-        raise TunelabError(f"{path}: unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_format(path, fmt)
     text = Field("text", "text_field")
     return {"conll": lambda: conll_sentences(path, None), "text": lambda: text_lines(path),
             "jsonl": lambda: jsonl_texts(path, text), "csv": lambda: csv_texts(path, text)}[fmt]()

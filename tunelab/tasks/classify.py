@@ -90,9 +90,9 @@ class ClassifyTask:
     @staticmethod
     def hf_records(ds, f) -> list[dict]:
         """A `datasets.Dataset`'s rows as records; an integer ClassLabel column becomes label names."""
-        from tunelab.tasks.common import records_of
+        from tunelab.tasks.common import require_columns
 
-        records_of(ds, [f.text_field, f.label_field])
+        require_columns(ds, [f.text_field, f.label_field])
         names = getattr(ds.features[f.label_field], "names", None)
         return [{"text": r[f.text_field], "label": names[r[f.label_field]] if names else r[f.label_field]}
                 for r in ds]

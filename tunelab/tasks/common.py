@@ -83,8 +83,8 @@ def text_reader(path, fmt: str, labelled: bool, text, label, free_text: bool, wh
                        + ("; CoNLL columns are NER input" if fmt == "conll" else ""))
 
 
-def records_of(ds, need: list[str]) -> None:
-    """A Hugging Face dataset must have the columns a task reads."""
+def require_columns(ds, need: list[str]) -> None:
+    """A Hugging Face dataset must have the columns a task reads (TunelabError naming them otherwise)."""
     from tunelab.errors import TunelabError
 
     missing = [c for c in need if c not in ds.column_names]

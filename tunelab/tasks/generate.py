@@ -189,9 +189,9 @@ class GenerateTask:
 
     @staticmethod
     def hf_records(ds, f) -> list[dict]:
-        from tunelab.tasks.common import records_of
+        from tunelab.tasks.common import require_columns
 
-        records_of(ds, [f.prompt_field, f.target_field])
+        require_columns(ds, [f.prompt_field, f.target_field])
         return [{"prompt": r[f.prompt_field], "target": r[f.target_field]} for r in ds]
 
     @staticmethod

@@ -204,9 +204,9 @@ class NerTask:
     @staticmethod
     def hf_records(ds, f) -> list[dict]:
         """A `datasets.Dataset`'s rows as records; an integer ClassLabel tag column becomes tag names."""
-        from tunelab.tasks.common import records_of
+        from tunelab.tasks.common import require_columns
 
-        records_of(ds, [f.tokens_field, f.tags_field])
+        require_columns(ds, [f.tokens_field, f.tags_field])
         names = getattr(getattr(ds.features[f.tags_field], "feature", None), "names", None)
         return [{"tokens": r[f.tokens_field], "tags": [names[t] for t in r[f.tags_field]] if names else
                  r[f.tags_field]} for r in ds]
