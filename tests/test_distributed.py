@@ -313,3 +313,30 @@ def test_files_the_main_process_wrote_must_be_seen_by_every_process(monkeypatch)
     for seen in (0.0, 2.0):  # none (a fresh run) or all
         monkeypatch.setattr(d, "sum", lambda values, seen=seen: [seen])
         d.require_shared(seen > 0, "runs/x")
+
+
+@pytest.mark.parametrize("method", ["fgm", "freelb"])
+def test_adversarial_training_on_two_processes(method, tmp_path, conll_dir, tiny_model_dir, odd_dev):
+    """FGM takes its per-example direction from the clean backward, so two processes (each its share of the
+    global batch) train as one does; FreeLB draws its starting noise per process (other shapes than one
+    process's), so it is checked to run, stay in its ball and learn."""
+    settings = {**SETTINGS, "train.epochs": 2, "robust.adversarial": method, "robust.epsilon": 0.5,
+                "robust.alpha": 0.2, "robust.steps": 2}
+    overrides = lambda out: ner_overrides(conll_dir, tiny_model_dir, out, **settings)  # noqa: E731
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("task: ner\n")
+    run(accelerate_launch("-m", "tunelab", "train", str(recipe), *overrides(tmp_path / "two")), tmp_path / "two.log")
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["processes"] == 2 and two["steps"] == 10
+    assert all(0 < h["perturb/delta_norm"] <= 0.5 + 1e-5 for h in two["history"])
+    if method == "fgm":
+        one = train(load_config(None, overrides(tmp_path / "one")))
+        # (perturb/* are the logging process's own scalars, not the global batch's: compared through their
+        # effect on the later losses and the weights)
+        for a, b in zip(one["history"], two["history"]):
+            assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL)
+        wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < WEIGHT_ATOL
+    else:
+        losses = [h["loss"] for h in two["history"]]
+        assert losses[-1] < losses[0]

@@ -104,6 +104,70 @@ def test_fgm_perturbs_by_epsilon_trains_on_it_and_restores(kind_batch):
         assert torch.allclose(both[n], g + adv_grad[n], rtol=1e-4, atol=1e-6), n
 
 
+def _embedding_calls(model) -> list:
+    """Counts the input-embedding module's forward calls (a list that grows by one per call)."""
+    from tunelab.robust.adversarial import input_embedding
+
+    calls = []
+    input_embedding(model).register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def _hand_direction(model, batch, eps):
+    """eps * the per-example unit gradient of the clean loss w.r.t. the input embeddings, padding masked."""
+    zero = torch.zeros((*batch["input_ids"].shape, model.get_input_embeddings().embedding_dim), requires_grad=True)
+    g, = torch.autograd.grad(_embeds(model, batch, zero).loss, zero)
+    g = g * batch["attention_mask"].unsqueeze(-1)
+    return eps * g / _norms(g).view(-1, 1, 1)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fgm_direction_is_the_clean_gradient_taken_from_the_clean_pass(method, tiny_model_dir, conll_dir):
+    """With trainable embeddings FGM reads its direction off the clean backward (2 forward passes in all);
+    with frozen ones (LoRA) it takes a pass of its own (3); the direction is the same either way."""
+    from tunelab.peft import apply
+
+    model, batch = _batch("ner", tiny_model_dir, conll_dir / "train.conll")
+    if method == "lora":
+        model = apply(model, load_config(None, ["task=ner", "data.train=x", "tune.method=lora"]).tune, "ner",
+                      tiny_model_dir)
+        model.train()
+    want = _hand_direction(model, batch, 0.7)
+    calls = _embedding_calls(model)
+    fgm = FGM(epsilon=0.7)
+    micro_batch(model, model, batch, device=CPU, bf16=False, step=Step(perturbation=fgm))
+    assert len(calls) == (2 if method == "full" else 3)
+    assert torch.allclose(fgm.last, want, atol=1e-6)
+    assert fgm.grad is None  # consumed: a later batch never sees this one's gradient
+
+    calls.clear()
+    pgd = PGD(epsilon=1.0, alpha=0.25, steps=2)  # the first ascent step is the clean gradient too
+    micro_batch(model, model, batch, device=CPU, bf16=False, step=Step(perturbation=pgd))
+    assert len(calls) == (3 if method == "full" else 4)
+
+
+def test_perturbed_losses_are_weighted_as_the_clean_loss(tiny_model_dir, conll_dir):
+    """Multi-task weighting: FGM's loss gets the task's factor (fixed weight w: every gradient scales by w),
+    and uncertainty weighting's additive ½·s is counted once, for the clean loss."""
+    model, batch = _batch("ner", tiny_model_dir, conll_dir / "train.conll")
+    grads = {}
+    for w in (1.0, 3.0):
+        model.zero_grad()
+        micro_batch(model, model, batch, device=CPU, bf16=False, step=Step(perturbation=FGM(0.5)),
+                    weigh=lambda loss, w=w: w * loss)
+        grads[w] = _grads(model)
+    for name, g in grads[1.0].items():
+        assert torch.allclose(grads[3.0][name], 3 * g, rtol=1e-4, atol=1e-7), name
+
+    s = torch.nn.Parameter(torch.tensor(0.4))
+    model.zero_grad()
+    r = micro_batch(model, model, batch, device=CPU, bf16=False, step=Step(perturbation=FGM(0.5)),
+                    weigh=lambda loss: 0.5 * torch.exp(-s) * loss + 0.5 * s)
+    # d/ds [½e^-s L + ½s + ½e^-s L_adv] = -½e^-s (L + L_adv) + ½
+    want = -0.5 * math.exp(-0.4) * (r.loss + r.logs["loss"]) + 0.5
+    assert s.grad.item() == pytest.approx(want, rel=1e-5)
+
+
 @pytest.mark.parametrize("method", ["lora", "prompt"])
 def test_fgm_on_a_peft_model_perturbs_the_frozen_base_embeddings(method, tiny_model_dir, conll_dir):
     from tunelab.peft import apply

@@ -9,8 +9,13 @@ perturbation of the same size whatever its length and the batch's padding. The p
 activations, not on the weights: the parameters (embedding weights included, frozen or not) are never written,
 only their .grad changes; the hook that adds delta is removed on the way out, exceptions included.
 
-Gradients w.r.t. delta that only choose a direction (FGM's, PGD's ascent steps) are taken with
-torch.autograd.grad, so they do not accumulate into the parameters' .grad.
+FGM's direction, and PGD's first ascent step, are the gradient of the step's clean objective w.r.t. the
+input embeddings at delta = 0, which the clean backward computes anyway: `watch` captures it there (what the
+usual FGM-for-NLP code reads from the embedding weight's .grad, but per example and without the other
+batches' accumulated gradient). Where the clean pass has no such gradient (frozen embeddings under PEFT
+whose output needs no grad) it takes a pass of its own. Further gradients w.r.t. delta that only choose a
+direction (PGD's later ascent steps) are taken with torch.autograd.grad, so they do not accumulate into the
+parameters' .grad; a distributed run cannot take those (DDP wants a backward after each forward).
 """
 
 from contextlib import contextmanager
@@ -94,23 +99,57 @@ def project(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
     return delta * (epsilon / norms(delta).clamp_min(1e-12)).clamp(max=1.0)
 
 
-def _ascent_grad(loss: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def _ascent_grad(loss: torch.Tensor, delta: torch.Tensor, name: str) -> torch.Tensor:
     """d loss / d delta, without touching the parameters' .grad."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         # DDP expects a backward after every synchronised forward; autograd.grad is not one.
-        raise TunelabError("robust.adversarial=fgm/pgd runs on one process; in a distributed run use freelb")
+        raise TunelabError(f"robust.adversarial={name} needs input-gradient passes of its own here (PGD's steps "
+                           "after the first; FGM on frozen embeddings), which a distributed run cannot take; "
+                           "use robust.adversarial=freelb (or fgm with trainable embeddings)")
     return torch.autograd.grad(loss, delta)[0]
+
+
+class _CleanGradient:
+    """`watch(model)`: around the clean forward and backward, keeps d objective / d (input embeddings) of the
+    first call of the embedding module (the clean pass; R-Drop's second pass comes later) in `self.grad`,
+    when that output is in the graph. Consumed by `take()`."""
+    grad = None
+
+    @contextmanager
+    def watch(self, model):
+        self.grad, seen = None, []
+
+        def keep(grad):
+            self.grad = grad.detach()
+
+        def hook(module, inputs, output):
+            if not seen:
+                seen.append(True)
+                if output.requires_grad:
+                    output.register_hook(keep)
+
+        handle = input_embedding(model).register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def take(self, shape: torch.Size):
+        """The captured gradient if it has delta's shape (else None: compute it), forgotten afterwards."""
+        grad, self.grad = self.grad, None
+        return grad if grad is not None and grad.shape == shape else None
 
 
 def _logs(loss: torch.Tensor, delta: torch.Tensor) -> dict:
     return {"loss": loss.item(), "delta_norm": norms(delta).mean().item()}
 
 
-class FGM:
+class FGM(_CleanGradient):
     """Fast gradient method (Miyato et al. 2017): delta = epsilon * g / ||g|| per example, g the gradient of the
-    loss w.r.t. the input embeddings at delta = 0. Cost: one forward + input-gradient pass (the direction) and
-    one forward + backward (the adversarial loss, into .grad)."""
+    clean objective w.r.t. the input embeddings (captured from the clean backward). Cost: one forward +
+    backward (the adversarial loss, into .grad); one more forward + input-gradient pass where the clean pass
+    has no embedding gradient (frozen embeddings)."""
     name = "fgm"
 
     def __init__(self, epsilon: float = 1.0):
@@ -118,9 +157,11 @@ class FGM:
 
     def __call__(self, mb, backward) -> dict:
         shape, mask = _shape(mb.model, mb.batch)
+        g = self.take(shape)
         with shifted(mb.model) as shift:
-            zero = torch.zeros(shape, device=mask.device, requires_grad=True)
-            g = _ascent_grad(shift.run(mb, zero).loss, zero)
+            if g is None:
+                zero = torch.zeros(shape, device=mask.device, requires_grad=True)
+                g = _ascent_grad(shift.run(mb, zero).loss, zero, self.name)
             delta = self.epsilon * unit(g, mask)
             loss = shift.run(mb, delta).loss
             backward(loss)
@@ -128,11 +169,12 @@ class FGM:
         return _logs(loss, delta)
 
 
-class PGD:
+class PGD(_CleanGradient):
     """Projected gradient descent (Madry et al. 2018), L2 per example: K ascent steps
     delta <- project(delta + alpha * g / ||g||, epsilon) from delta = 0, then the loss at the final delta goes
     to backward (only that pass's gradient reaches .grad, as in the common PGD-for-NLP implementations).
-    Cost: K forward + input-gradient passes and one forward + backward."""
+    The first step's g is the clean pass's (as FGM's). Cost: K - 1 forward + input-gradient passes and one
+    forward + backward."""
     name = "pgd"
 
     def __init__(self, epsilon: float = 1.0, alpha: float = 0.3, steps: int = 3):
@@ -141,11 +183,12 @@ class PGD:
     def __call__(self, mb, backward) -> dict:
         shape, mask = _shape(mb.model, mb.batch)
         with shifted(mb.model) as shift:
-            delta = torch.zeros(shape, device=mask.device)
+            delta, g = torch.zeros(shape, device=mask.device), self.take(shape)
             for _ in range(self.steps):
-                delta.requires_grad_(True)
-                g = _ascent_grad(shift.run(mb, delta).loss, delta)
-                delta = project(delta.detach() + self.alpha * unit(g, mask), self.epsilon)
+                if g is None:
+                    delta.requires_grad_(True)
+                    g = _ascent_grad(shift.run(mb, delta).loss, delta, self.name)
+                delta, g = project(delta.detach() + self.alpha * unit(g, mask), self.epsilon), None
             loss = shift.run(mb, delta).loss
             backward(loss)
         self.last = delta

@@ -5,7 +5,10 @@ by components plugged in here, never by editing the loops:
 - loss terms: callables added to the task loss before backward (e.g. EWC, distillation, R-Drop). Each
   returns a scalar tensor; the recipe logs each by its name.
 - a perturbation: runs after the clean backward and adds backward passes of its own (e.g. FGM/PGD/FreeLB on
-  the input embeddings), restoring whatever it changed before it returns.
+  the input embeddings), restoring whatever it changed before it returns. Its losses are weighted as the
+  clean task loss is (multi-task weighting) and scaled as every loss is. One with a `watch(model)` context
+  manager has it entered around the clean forward and backward (FGM takes its direction from the clean
+  pass's gradient there instead of a pass of its own).
 
 Components are plain objects built from config at the edge of a recipe (they never see a config). A
 component with state (a running estimate, a buffer, its own RNG) has state_dict() / load_state_dict(),
@@ -16,6 +19,7 @@ Loss scaling: a micro-batch's loss is divided by the number of micro-batches in 
 (tunelab.distributed.loss_weight), so that the gradient left in .grad is that of the global batch's mean.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -44,8 +48,8 @@ class Perturbation(Protocol):
     name: str
 
     def __call__(self, mb: MicroBatch, backward: Callable[[torch.Tensor], None]) -> dict[str, float]:
-        """After the clean backward: further forward passes whose losses go to `backward(loss)` (which
-        applies the step's scaling); restores what it changed. Returns scalars to log."""
+        """After the clean backward: further forward passes whose task losses go to `backward(loss)` (which
+        applies the step's weighting and scaling); restores what it changed. Returns scalars to log."""
 
 
 @dataclass
@@ -75,8 +79,11 @@ def micro_batch(forward: Callable, model, batch: dict, *, device, bf16: bool, st
     forward(**batch) -> model output (the DDP-wrapped model in a distributed run, or a multi-task model
     bound to one task). share: this process's weight on its mean loss (1 on one process; 0 when it has no
     labelled unit in this global batch and runs a stand-in row). accum: micro-batches per optimizer step.
-    weigh(loss) -> the loss to differentiate (multi-task weighting); None: the loss itself."""
+    weigh(loss) -> the loss to differentiate (multi-task weighting; affine in the loss, as fixed and
+    uncertainty weighting are); None: the loss itself. A perturbation's losses get weigh's factor on the loss
+    only, weigh(l) - weigh(0): its additive part (uncertainty weighting's ½·s) is the clean loss's alone."""
     step = step or Step()
+    perturbation = step.perturbation
 
     def run(**inputs):
         with autocast(device, bf16):
@@ -85,18 +92,23 @@ def micro_batch(forward: Callable, model, batch: dict, *, device, bf16: bool, st
     def backward(objective: torch.Tensor) -> None:
         ((objective * share if share != 1 else objective) / accum).backward()
 
-    output = run(**batch)
-    # share 0 (no labelled token on this process): a zero gradient, not the NaN of an empty mean
-    loss = output.loss if share else output.logits.float().sum() * 0.0
-    objective = weigh(loss.float()) if weigh is not None else loss
-    mb = MicroBatch(model, batch, output, run)
-    terms = {}
-    for term in step.terms:
-        value = term(mb)
-        terms[term.name] = value.item() * share
-        objective = objective + value
-    backward(objective)
-    logs = step.perturbation(mb, backward) if step.perturbation is not None else {}
+    def weighted(loss: torch.Tensor) -> torch.Tensor:  # a perturbed pass's task loss, weighted as the clean one
+        return weigh(loss.float()) - weigh(loss.new_zeros((), dtype=torch.float32)) if weigh is not None else loss
+
+    watch = getattr(perturbation, "watch", None)
+    with watch(model) if watch is not None else nullcontext():
+        output = run(**batch)
+        # share 0 (no labelled token on this process): a zero gradient, not the NaN of an empty mean
+        loss = output.loss if share else output.logits.float().sum() * 0.0
+        objective = weigh(loss.float()) if weigh is not None else loss
+        mb = MicroBatch(model, batch, output, run)
+        terms = {}
+        for term in step.terms:
+            value = term(mb)
+            terms[term.name] = value.item() * share
+            objective = objective + value
+        backward(objective)
+    logs = perturbation(mb, lambda loss: backward(weighted(loss))) if perturbation is not None else {}
     return Result(loss.item() * share, objective.item() * share / accum, terms, logs)
 
 
