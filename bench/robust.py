@@ -14,6 +14,10 @@ is evaluated once per model clean and once per perturbation (each seeded, the sa
         --out bench/results/robust.json
     (low-resource: --max-train 1404, the first 10 % of the training sentences, with --epochs 3)
 
+A method is a name from METHODS, optionally with its epsilon (`fgm:0.3`; pgd's alpha follows as 0.3 *
+epsilon), and methods combine with `+` (`freelb+augment`). With --out, each finished run is written at once
+and runs already in that file (same method and seed) are kept, not rerun: a killed bench continues.
+
 Smoke test (minutes): --methods plain,fgm --max-train 200 --max-test 200 --seeds 1
 """
 
@@ -41,6 +45,19 @@ METHODS = {
 PERTURBATIONS = {"noise": ("char_noise=1", 0.05), "entity_swap": ("mentions=0.5", 1.0)}
 
 
+def overrides_of(method: str) -> list[str]:
+    """The robust.* overrides of a method spec: NAME[:EPSILON] parts joined by '+'."""
+    out = []
+    for part in method.split("+"):
+        name, _, eps = part.partition(":")
+        if name not in METHODS:
+            sys.exit(f"unknown method {name!r} in {method!r}; choose from {', '.join(METHODS)}")
+        out += METHODS[name]
+        if eps:
+            out += [f"robust.epsilon={float(eps)}"] + ([f"robust.alpha={0.3 * float(eps):g}"] if name == "pgd" else [])
+    return out
+
+
 def tunelab(*argv: str, env: dict) -> None:
     subprocess.run([sys.executable, "-m", "tunelab", *argv], cwd=ROOT, env=env, check=True)
 
@@ -48,7 +65,7 @@ def tunelab(*argv: str, env: dict) -> None:
 def run_one(method: str, seed: int, args, work: Path, env: dict) -> dict:
     out = work / f"{method}-{seed}"
     overrides = [f"output_dir={out}", f"train.seed={seed}", f"train.epochs={args.epochs}",
-                 f"train.threads={args.threads}", "track.tensorboard=false", *METHODS[method]]
+                 f"train.threads={args.threads}", "track.tensorboard=false", *overrides_of(method)]
     if args.max_train:
         overrides.append(f"data.max_train_examples={args.max_train}")
     t0 = time.perf_counter()
@@ -100,9 +117,22 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the rows and the table here (JSON)")
     args = p.parse_args()
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        sys.exit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    for m in methods:
+        overrides_of(m)  # unknown names stop here, before any run
+    done = []
+    if args.out and Path(args.out).exists():
+        before = json.loads(Path(args.out).read_text())
+        same = ("epochs", "max_train", "max_test", "threads")
+        if any(before["args"].get(k) != getattr(args, k) for k in same):
+            sys.exit(f"{args.out} holds runs with other settings ({', '.join(same)}); choose another --out")
+        done = before["rows"]
+
+    def save(rows):
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(args.out).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"args": vars(args), "rows": rows, "table": summary(rows)}, indent=2) + "\n")
+            tmp.replace(args.out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryDirectory(prefix="bench_robust_") as tmp:
         work = Path(tmp)
@@ -112,17 +142,17 @@ def main() -> None:
 
         test = conll2003().test[: args.max_test] if args.max_test else conll2003().test
         write_conll(work / "test.conll", test, [s.tags for s in test])  # word, gold, gold: read the gold column
-        rows = []
+        rows = list(done)
         for seed in map(int, args.seeds.split(",")):
             for m in methods:
+                if any(r["method"] == m and r["seed"] == seed for r in done):
+                    continue
                 print(f"\n=== {m}, seed {seed} ===", file=sys.stderr, flush=True)
                 rows.append(run_one(m, seed, args, work, env))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    table = summary(rows)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "table": table}, indent=2) + "\n")
+                save(rows)
+    print(summary(rows))
+    save(rows)
 
 
 if __name__ == "__main__":
