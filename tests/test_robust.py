@@ -285,6 +285,10 @@ def test_supervised_run_with_fgm_and_rdrop(tmp_path, conll_dir, tiny_model_dir):
                                 "augment": {}, "augment_intensity": 0.1}
     assert all(math.isfinite(h["loss"]) for h in report["history"])
     assert all({"perturb/loss", "perturb/delta_norm", "term/rdrop"} <= set(h) for h in report["history"])
+    md = (out / "report.md").read_text()
+    mean = sum(h["term/rdrop"] for h in report["history"]) / len(report["history"])
+    assert "Robust training: adversarial training FGM (epsilon 1); R-Drop (weight 1)." in md
+    assert f"R-Drop term {mean:.4f}" in md and "perturbation norm 1.0000" in md
     start = load_file(tiny_model_dir / "model.safetensors")
     end = load_file(out / "model.safetensors")
     key = "embeddings.word_embeddings.weight"

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     e.add_argument("--perturb-seed", type=int, default=0, help="--perturb: the seed (default: %(default)s)")
     e.add_argument("--plot", metavar="PNG", help="--perturb: a bar chart of clean vs perturbed scores")
+    e.add_argument("--report", metavar="MD", help="--perturb: a Markdown report of clean vs perturbed scores and "
+                                                 "the drop, per entity type or class (with the --plot chart)")
 
     r = sub.add_parser("predict", help="predict with a trained model folder",
                        description="Predict on a text given on the command line, or a file: .txt (one text a "
@@ -218,6 +220,9 @@ def cmd_eval(args) -> int:
     from tunelab.predict import Predictor
     from tunelab.report import metrics_table
 
+    if not args.perturb and (args.plot or args.report):
+        raise TunelabError("--plot and --report show a robustness evaluation: add --perturb OP=P,... (e.g. "
+                           "--perturb char_noise=0.05)")
     spec = _perturb_spec(args) if args.perturb else None  # a mistake in it stops the run before any work
     pred = Predictor(args.model_dir, args.device, args.batch_size, args.bf16)
     task = pred.task_for(task=args.task)
@@ -256,6 +261,8 @@ def _perturb_spec(args) -> dict[str, float]:
 
     if args.plot and not args.plot.lower().endswith(".png"):
         raise TunelabError(f"--plot {args.plot}: the chart is written as PNG; name a .png file")
+    if args.report and not args.report.lower().endswith(".md"):
+        raise TunelabError(f"--report {args.report}: the report is written as Markdown; name a .md file")
     if not 0 < args.perturb_intensity <= 1:
         raise TunelabError(f"--perturb-intensity {args.perturb_intensity}: must be in (0, 1]")
     spec = {}
@@ -289,8 +296,17 @@ def _robustness(args, spec: dict, pred, task, examples, clean: dict) -> dict:
           f"{task.format_main(metrics)}; main score drops by {drop:.4f}")
     if args.plot:
         plot_robustness(args.plot, clean, metrics, f"{task.main_name}: clean vs perturbed ({args.perturb})")
-    return {"clean": clean, "perturbed": metrics, "drop": drop,
-            "perturb": {"operations": spec, "intensity": args.perturb_intensity, "seed": args.perturb_seed}}
+    doc = {"clean": clean, "perturbed": metrics, "drop": drop,
+           "perturb": {"operations": spec, "intensity": args.perturb_intensity, "seed": args.perturb_seed}}
+    if args.report:
+        import os
+
+        from tunelab.io import atomic_write_text
+        from tunelab.report import robustness_markdown
+
+        plot = os.path.relpath(args.plot, Path(args.report).resolve().parent) if args.plot else None
+        atomic_write_text(args.report, robustness_markdown(doc, task.main_name, args.data, plot))
+    return doc
 
 
 def _builtin_names():

@@ -76,8 +76,55 @@ def markdown(r: dict) -> str:
                       f"({100 * t['trainable_params'] / max(1, t['total_params']):.3g} %).", ""]
     if r.get("samples"):
         lines += ["## Sample outputs (greedy)", "", samples_table(r["samples"]), ""]
+    if robust_line(r):
+        lines[2:2] = [robust_line(r), ""]
     lines += ["![training curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def robust_line(r: dict) -> str:
+    """One sentence on the run's `robust:` section and what it cost ('' when the section is the default)."""
+    rb, parts = r.get("robust") or {}, []
+    if rb.get("adversarial", "none") != "none":
+        how = {"fgm": "", "pgd": f", alpha {rb['alpha']:g}, {rb['steps']} steps",
+               "freelb": f", alpha {rb['alpha']:g}, {rb['steps']} steps"}[rb["adversarial"]]
+        parts.append(f"adversarial training {rb['adversarial'].upper()} (epsilon {rb['epsilon']:g}{how})")
+    if rb.get("rdrop"):
+        parts.append(f"R-Drop (weight {rb['rdrop']:g})")
+    if rb.get("augment"):
+        ops = ", ".join(f"{k} {v:g}" for k, v in rb["augment"].items())
+        parts.append(f"augmentation each epoch ({ops}; intensity {rb['augment_intensity']:g})")
+    if not parts:
+        return ""
+    history = r.get("history") or []
+    seen = []
+    for key, what in (("perturb/loss", "adversarial loss"), ("perturb/delta_norm", "perturbation norm"),
+                      ("term/rdrop", "R-Drop term")):
+        values = [h[key] for h in history if key in h]
+        if values:
+            seen.append(f"{what} {sum(values) / len(values):.4f}")
+    return "Robust training: " + "; ".join(parts) + "." + (f" Mean over the logged steps: {', '.join(seen)}."
+                                                           if seen else "")
+
+
+def robustness_markdown(doc: dict, main_name: str, data: str, plot: str | None = None) -> str:
+    """`tunelab eval --perturb`'s result (clean, perturbed, drop, perturb) for people: the main score and each
+    entity type's or class's F1, clean vs perturbed and the drop, and the chart if there is one."""
+    clean, pert, how = doc["clean"], doc["perturbed"], doc["perturb"]
+    ops = ", ".join(f"{k} {v:g}" for k, v in how["operations"].items())
+    lines = [f"# Robustness: {data}", "",
+             f"A perturbed copy of the data (operations with their probability per example: {ops}; intensity "
+             f"{how['intensity']:g}; seed {how['seed']}) scored beside the clean data.", "",
+             "| score | clean | perturbed | drop |", "|---|---:|---:|---:|",
+             f"| **{main_name}** | {clean['main'] * 100:.2f} | {pert['main'] * 100:.2f} | {doc['drop'] * 100:.2f} |"]
+    parts = clean.get("per_type") or clean.get("per_class") or {}
+    other = pert.get("per_type") or pert.get("per_class") or {}
+    for name in sorted(parts):
+        a, b = parts[name]["f1"], other.get(name, {}).get("f1", 0.0)
+        lines.append(f"| {name} F1 | {a * 100:.2f} | {b * 100:.2f} | {(a - b) * 100:.2f} |")
+    if plot:
+        lines += ["", f"![clean vs perturbed]({plot})"]
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(path, r: dict) -> None:
