@@ -20,6 +20,7 @@ EPILOG = """examples:
   tunelab runs runs/
   tunelab compare runs/ner runs/ner-lora --metric dev/micro/f1 --out compare.png
   accelerate launch --multi_gpu --num_processes 2 -m tunelab train recipes/conll2003_ner.yaml
+  tunelab search recipes/conll2003_quick.yaml --space recipes/search/lr.yaml --trials 12 --out runs/search
 """
 
 
@@ -147,6 +148,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a metric to compare (repeatable; default: train/loss and dev/main)")
     c.add_argument("--out", help="write the curves here (PNG)")
     c.add_argument("--json", action="store_true", help="JSON instead of a Markdown table")
+
+    h = sub.add_parser("search", help="hyper-parameter search over a recipe (Optuna): trials are runs, selection "
+                                      "on dev, the test split once at the end",
+                       description="Search the recipe's config over the --space file's distributions (tunelab/"
+                                   "search.py says the format). Every trial is a run in OUT/trials/; poor trials "
+                                   "are pruned at their dev evaluations. Rerun the same command to continue a "
+                                   "stopped search; start it on other machines with the same --storage URL to "
+                                   "add workers. At the end: best.yaml, search.md/json, history.png, "
+                                   "parallel.png in OUT.")
+    h.add_argument("recipe", help="recipe YAML file")
+    h.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides every trial takes")
+    h.add_argument("--space", required=True, help="search-space YAML: config key -> {type, low, high, ...}")
+    h.add_argument("--trials", type=int, required=True, help="finished (complete or pruned) trials to reach")
+    h.add_argument("--out", help="the search folder (default: the recipe's output_dir)")
+    h.add_argument("--storage", help="an Optuna RDB URL shared by workers, e.g. postgresql://user@host/db "
+                                     "(default: sqlite in the search folder)")
+    h.add_argument("--study", default="tunelab", help="the study's name in the storage (default: %(default)s)")
+    h.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid"])
+    h.add_argument("--pruner", default="median", choices=["median", "hyperband", "asha", "none"])
+    h.add_argument("--seed", type=int, default=0, help="the sampler's seed (the runs keep train.seed)")
+    h.add_argument("--timeout", type=float, metavar="MINUTES", help="start no trial after this many minutes")
+    h.add_argument("--max-steps", type=int, help="each trial's step budget (train.max_steps)")
+    h.add_argument("--threads", type=int, help="torch threads per trial (default: the cores / --workers)")
+    h.add_argument("--workers", type=int, default=1, help="trials run at once on this machine, each in its own "
+                                                         "process (default: %(default)s)")
+    h.add_argument("--rerun-top", type=int, default=0, metavar="K",
+                   help="train the K best configurations again with --rerun-seeds; choose the best mean")
+    h.add_argument("--rerun-seeds", default="", metavar="S,S,...", help="seeds for --rerun-top (e.g. 1,2,3)")
+    h.add_argument("--no-finish", action="store_true", help=argparse.SUPPRESS)  # a --workers child
     return p
 
 
@@ -309,6 +339,49 @@ def _robustness(args, spec: dict, pred, task, examples, clean: dict) -> dict:
     return doc
 
 
+def cmd_search(args) -> int:
+    import os
+    import subprocess
+
+    from tunelab import search
+    from tunelab.config import load_config
+
+    if args.trials < 1 or args.workers < 1 or (args.threads is not None and args.threads < 1):
+        raise TunelabError("--trials, --workers and --threads must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise TunelabError("--max-steps must be at least 1")
+    try:
+        seeds = tuple(int(s) for s in args.rerun_seeds.split(",") if s.strip())
+    except ValueError:
+        raise TunelabError(f"--rerun-seeds {args.rerun_seeds!r}: write seeds as 1,2,3") from None
+    if args.rerun_top and not seeds:
+        raise TunelabError("--rerun-top needs --rerun-seeds (e.g. --rerun-seeds 1,2,3)")
+    out = Path(args.out or load_config(args.recipe, args.overrides).output_dir)
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None)
+    opts = search.Options(trials=args.trials, out=out, storage=args.storage, study=args.study,
+                          sampler=args.sampler, pruner=args.pruner, seed=args.seed, timeout_minutes=args.timeout,
+                          max_steps=args.max_steps, threads=threads, rerun_top=args.rerun_top, rerun_seeds=seeds)
+    if args.workers > 1:
+        # One process per worker, all on the same study; this one finishes when they are done.
+        search.check_recipe(args.recipe, args.overrides)
+        search.load_space(args.space, args.recipe, args.overrides)
+        argv = [sys.executable, "-m", "tunelab", "search", args.recipe, *args.overrides, "--space", args.space,
+                "--trials", str(args.trials), "--out", str(out), "--study", args.study, "--sampler", args.sampler,
+                "--pruner", args.pruner, "--seed", str(args.seed), "--threads", str(threads), "--no-finish"]
+        argv += (["--storage", args.storage] if args.storage else []) + \
+            (["--timeout", str(args.timeout)] if args.timeout else []) + \
+            (["--max-steps", str(args.max_steps)] if args.max_steps else [])
+        out.mkdir(parents=True, exist_ok=True)
+        children = [subprocess.Popen(argv) for _ in range(args.workers)]
+        codes = [c.wait() for c in children]
+        if any(codes):
+            raise TunelabError(f"a search worker stopped with exit code {max(codes)}; rerun the command to continue")
+    opts.finish = not args.no_finish
+    search.search(args.recipe, args.space, opts, args.overrides, log=lambda m: print(f"[tunelab] {m}",
+                                                                                     file=sys.stderr, flush=True))
+    return 0
+
+
 def _builtin_names():
     from tunelab.data.packaged import BUILTIN
 
@@ -447,7 +520,8 @@ def main(argv=None) -> int:
         return 2
     try:
         return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
-                "export": cmd_export, "serve": cmd_serve, "runs": cmd_runs, "compare": cmd_compare}[args.command](args)
+                "export": cmd_export, "serve": cmd_serve, "runs": cmd_runs, "compare": cmd_compare,
+                "search": cmd_search}[args.command](args)
     except TunelabError as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2

@@ -89,6 +89,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: float = ranged(3.0, gt=0)
+    # at most this many optimizer steps (the schedule ends there too); 0 = what epochs give
+    max_steps: int = ranged(0, ge=0)
     batch_size: int = ranged(32, gt=0)
     grad_accum: int = ranged(1, gt=0)
     lr: float = ranged(5e-5, gt=0)

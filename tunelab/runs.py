@@ -185,7 +185,7 @@ def plot(path, names: list[str], data: list[dict], metrics: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tunelab.report import _save
+    from tunelab.report import save_figure
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
     for ax, m in zip(axes[0], metrics):
@@ -198,4 +198,4 @@ def plot(path, names: list[str], data: list[dict], metrics: list[str]) -> None:
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))

@@ -35,10 +35,12 @@ from tunelab.train.step import Step, mean_logs, micro_batch
 
 
 def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | None = None,
-          epoch_data: dict | None = None) -> dict:
+          epoch_data: dict | None = None, on_eval=None, test: bool = True) -> dict:
     """step: components that change how each batch's gradient is computed (tunelab.train.step).
     epoch_data: task name -> f(seed, epoch) -> that epoch's training features for the task (default: its
-    training set encoded once); pure functions, each epoch of a task the same number of features."""
+    training set encoded once); pure functions, each epoch of a task the same number of features.
+    on_eval(step, score) and test: as in the supervised recipe (score: the selection score, the mean of the
+    tasks' dev scores or multitask.select's)."""
     out = Path(cfg.output_dir)
     tc, mc = cfg.train, cfg.multitask
     if tc.threads:
@@ -89,6 +91,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
     # The budget: train.epochs passes over all tasks' batches, whichever way they are drawn.
     per_step = tc.grad_accum * (len(names) if mc.mix == "all" else 1)
     steps_per_epoch, total_steps = step_budget(sizes.values(), tc.batch_size, tc.epochs, per_step)
+    total_steps = run.step_limit(total_steps, tc.max_steps)
     heads = mtm.head_modules(model) | {"uncertainty"}
     optimizer, scheduler = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, tc.scheduler,
                                            round(tc.warmup_ratio * total_steps), total_steps, heads)
@@ -166,6 +169,8 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
         evaluated = state["step"] % eval_every == 0 or finished
         if evaluated:
             evaluate_dev(cfg, model, tasks, splits, device, state, select, out, dist, tracker)
+            if state["evals"] and state["evals"][-1]["step"] == state["step"]:
+                run.ask_to_stop(on_eval, state, state["evals"][-1]["dev"])
         if clock.due(state["step"]) or evaluated:
             rng = distributed.rng_states(dist)
             if dist.main:
@@ -177,6 +182,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
     report = {
         "task": "multitask", "model": str(cfg.model.name), "seed": tc.seed, "steps": state["step"],
         "total_steps": total_steps, "stopped_early": state["stopped_early"], "best_step": state["best_step"],
+        "stopped_by": state.get("stopped_by"),
         "select": mc.select, "sampling": mc.sampling, "weighting": mc.weighting, "mix": mc.mix,
         "train_seconds": round(state["train_seconds"], 2), "train_tokens": state["tokens"],
         "tokens_per_second": state["tokens"] / max(1e-9, state["train_seconds"]),
@@ -195,7 +201,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
                  "batches": state["drawn"][n], "batch_share": state["drawn"][n] / max(1, drawn),
                  "dev": best["tasks"][n] if best else None, "test": None}
         head = model.use(n)
-        if splits[n].test:
+        if splits[n].test and test:
             entry["test"] = tasks[n].evaluate(head, splits[n].test, device, tc.bf16, desc=f"test {n}", dist=dist)
             tracker.log(state["step"], track.metric_scalars(f"test/{n}", entry["test"]))
         shown = splits[n].test or splits[n].dev

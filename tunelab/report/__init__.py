@@ -149,7 +149,7 @@ def plot_curves(path, r: dict) -> None:
             axes[2].axvline(r["best_step"], color="grey", ls="--", lw=0.8)
     axes[2].set(title=kind.curve_title, xlabel="step")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(path, conf: dict, split: str) -> None:
@@ -171,7 +171,7 @@ def plot_confusion(path, conf: dict, split: str) -> None:
         for j, v in enumerate(row):
             ax.text(j, i, v, ha="center", va="center", color="white" if v > top / 2 else "black", fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_robustness(path, clean: dict, perturbed: dict, title: str) -> None:
@@ -197,10 +197,10 @@ def plot_robustness(path, clean: dict, perturbed: dict, title: str) -> None:
     ax.set(title=title, ylabel="score (main; per-type or per-class F1)")
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig, path) -> None:
+def save_figure(fig, path) -> None:
     import io
 
     import matplotlib.pyplot as plt

@@ -4,7 +4,7 @@ training loss and dev score beside the aggregate that selects the checkpoint."""
 from pathlib import Path
 
 from tunelab.io import atomic_write_json, atomic_write_text
-from tunelab.report import _save, metrics_table, samples_table
+from tunelab.report import metrics_table, samples_table, save_figure
 from tunelab.tasks import task_type
 
 
@@ -94,4 +94,4 @@ def plot_curves(path, r: dict) -> None:
         axes[2].legend(fontsize=8)
     axes[2].set(title="dev score per task", xlabel="step")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

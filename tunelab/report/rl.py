@@ -4,7 +4,7 @@
 from pathlib import Path
 
 from tunelab.io import atomic_write_json, atomic_write_text
-from tunelab.report import _save
+from tunelab.report import save_figure
 
 
 def write_rl_report(out, report: dict) -> None:
@@ -78,4 +78,4 @@ def plot_curves(path, r: dict) -> None:
     axes[2].plot(steps, [h["entropy"] for h in hist], lw=0.8)
     axes[2].set(title="policy entropy (per token)", xlabel="step")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

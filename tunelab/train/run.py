@@ -107,6 +107,22 @@ class KeepBest:
             (" -> early stop" if s["stopped_early"] else "")
 
 
+def step_limit(total: int, max_steps: int) -> int:
+    """The run's optimizer steps: what the epochs give, capped by train.max_steps (0: no cap)."""
+    return min(total, max_steps) if max_steps else total
+
+
+def ask_to_stop(on_eval, state: dict, score: float) -> None:
+    """A recipe's on_eval hook after a dev evaluation: a reason it returns stops the run as early stopping
+    does (state["stopped_early"], and state["stopped_by"] says why). Patience stops are "patience"."""
+    reason = on_eval(state["step"], score) if on_eval is not None else None
+    if reason:
+        state["stopped_early"], state["stopped_by"] = True, str(reason)
+        log(f"step {state['step']}: stopped ({reason})")
+    elif state["stopped_early"]:
+        state.setdefault("stopped_by", "patience")
+
+
 class SaveClock:
     """When a resumable checkpoint is due: every `every` steps, or (every = 0) when `minutes` have passed
     since the last save, by the main process's clock (so that all processes agree)."""

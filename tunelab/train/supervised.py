@@ -28,14 +28,17 @@ from tunelab.train.step import Step, mean_logs, micro_batch
 
 
 def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bool = False, *,
-          step: Step | None = None, epoch_data=None) -> dict:
+          step: Step | None = None, epoch_data=None, on_eval=None, test: bool = True) -> dict:
     """Run one fine-tuning job; returns the report (also written to cfg.output_dir). Under `accelerate
     launch` / `torchrun` every process runs this same function (tunelab.distributed says how they share).
 
     step: the components that change how a step's gradient is computed (loss terms, a perturbation);
     default none. epoch_data(seed, epoch) -> that epoch's training features (default: the training set
     encoded once, the same every epoch); it must be a pure function of its arguments, so that a resumed run
-    sees the same data."""
+    sees the same data. on_eval(step, score) after each dev evaluation (score: the task's 0-1 score of the
+    dev metrics) -> a reason to stop now (e.g. a search's pruner), or None; a stopped run ends as an early
+    stop does (best weights restored, folder and report written). test: False leaves the test split alone
+    (a search selects on dev and evaluates the test split once, at its end)."""
     out, tc = Path(cfg.output_dir), cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -79,7 +82,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
             "their beginning (raise model.max_length to keep more)")
 
     steps_per_epoch = math.ceil(math.ceil(len(features) / tc.batch_size) / tc.grad_accum)
-    total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
+    total_steps = run.step_limit(max(1, math.ceil(tc.epochs * steps_per_epoch)), tc.max_steps)
     optimizer, scheduler = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, tc.scheduler,
                                            round(tc.warmup_ratio * total_steps), total_steps, heads)
     eval_every = tc.eval_every or steps_per_epoch
@@ -142,6 +145,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
             if evaluated:
                 state["train_seconds"] += time.perf_counter() - t0
                 evaluate_dev(task, model, splits.dev, device, tc.bf16, state, select, out, dist, tracker)
+                run.ask_to_stop(on_eval, state, task.score(state["evals"][-1]["metrics"]))
                 t0 = time.perf_counter()
             due = clock.due(state["step"])  # (every rank asks: the clock's answer is a collective one)
             if evaluated or due or finished:
@@ -172,6 +176,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         "task": cfg.task, "model": str(cfg.model.name), "labels": labels, "data": splits.about,
         "sizes": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
         "steps": state["step"], "total_steps": total_steps, "stopped_early": state["stopped_early"],
+        "stopped_by": state.get("stopped_by"),
         "best_step": state["best_step"], "train_seconds": round(state["train_seconds"], 2),
         "train_tokens": state["tokens"],
         "padding_share": 1 - state["tokens"] / max(1, state["padded_tokens"]),
@@ -184,7 +189,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         "dev": next((e["metrics"] for e in state["evals"] if e["step"] == state["best_step"]), None),
         "test": None,
     }
-    if splits.test:
+    if splits.test and test:
         report["test"] = task.evaluate(model, splits.test, device, tc.bf16, desc="test", dist=dist)
         tracker.log(state["step"], track.metric_scalars("test", report["test"]))
     tracker.close()
