@@ -75,6 +75,14 @@ def test_rl_and_a_recipe_without_dev_are_refused(tmp_path, conll_dir, tiny_model
     rl.write_text("task: rl\ndata: {train: p.jsonl}\nrl: {rewards: {length: 1}}\n")
     assert cli.main(["search", str(rl), "--space", str(sp), "--trials", "2", "--out", str(tmp_path / "s")]) == 2
     assert "task: rl has no dev score" in capsys.readouterr().err
+    path, overrides = recipe(tmp_path, conll_dir, tiny_model_dir)
+    for url, words in (("mysql://nobody@127.0.0.1:1/x", "driver for this URL is not installed"),
+                       ("postgresql+nodriver://x", "cannot open the study's storage"),
+                       ("sqlite:////no/such/folder/study.db", "cannot open the study's storage")):
+        assert cli.main(["search", str(path), *overrides, "--space", str(sp), "--trials", "2", "--storage", url,
+                         "--out", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
     path, overrides = recipe(tmp_path, conll_dir, tiny_model_dir, **{"data.dev": "null"})
     assert cli.main(["search", str(path), *overrides, "--space", str(sp), "--trials", "2",
                      "--out", str(tmp_path / "s")]) == 2
@@ -218,6 +226,7 @@ def test_two_workers_share_one_study_without_running_a_trial_twice(tmp_path, con
     assert 4 <= len(complete) <= 5 and len(complete) == len(trials)  # at most workers - 1 over
     assert len({t.user_attrs["folder"] for t in complete}) == len(complete)
     assert len({t.user_attrs["pid"] for t in complete}) == 2  # both workers ran trials
+    assert len({t.params["train.lr"] for t in complete}) == len(complete)  # and drew different values
     for t in complete:  # each trial's folder was trained once, by its own worker
         report = json.loads((Path(t.user_attrs["folder"]) / "report.json").read_text())
         assert report["steps"] == 4 and load_config(Path(t.user_attrs["folder"]) / "config.yaml").train.threads == 1

@@ -215,19 +215,34 @@ def open_study(opts: Options, params: list[Param]):
 
     url = storage_url(opts)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for the lock
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
-        storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable
+                storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                     grace_period=GRACE_S,
+                                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+            break
+        except ImportError:
+            raise TunelabError(f"--storage {_safe(url)}: the database driver for this URL is not installed "
+                               "(PostgreSQL: pip install 'psycopg[binary]'; MySQL: pip install pymysql)") from None
+        except Exception as e:  # sqlalchemy's: a malformed URL, a server that does not answer, a refused login
+            from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+            # Workers started together on a new database race to create its tables: the loser tries again.
+            if attempt == 4 or not isinstance(e, (IntegrityError, ProgrammingError)):
+                raise TunelabError(f"--storage {_safe(url)}: cannot open the study's storage: "
+                                   f"{str(e).splitlines()[0]}") from None
+            time.sleep(1 + attempt)
     return optuna.create_study(storage=storage, study_name=opts.study, direction="maximize", load_if_exists=True,
-                               sampler=_sampler(opts, params), pruner=_pruner(opts.pruner))
+                               sampler=_sampler(opts, params, opts.seed), pruner=_pruner(opts.pruner))
 
 
-def _sampler(opts: Options, params: list[Param]):
+def _sampler(opts: Options, params: list[Param], seed: int):
     import optuna
 
     if opts.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=opts.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if opts.sampler == "grid":
         grid = {}
         for p in params:
@@ -235,8 +250,8 @@ def _sampler(opts: Options, params: list[Param]):
             if values is None:
                 raise TunelabError(f"--sampler grid: {p.key} is {p.type}; give it grid: [values]")
             grid[p.key] = values
-        return optuna.samplers.GridSampler(grid, seed=opts.seed)
-    return optuna.samplers.TPESampler(seed=opts.seed)
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _pruner(pruner):
@@ -389,7 +404,10 @@ def search(recipe, space, opts: Options, overrides=(), log=print) -> dict:
     """Run this worker's share of the study until it has opts.trials finished trials (or the timeout), then,
     if the study is done and no trial is running, choose, test once and report. Returns search.json's dict
     (or the study's state while other workers still run)."""
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise TunelabError("tunelab search needs Optuna: pip install -e '.[search]'") from None
 
     from tunelab import progress
 
@@ -413,6 +431,9 @@ def search(recipe, space, opts: Options, overrides=(), log=print) -> dict:
             # Optuna would run the heartbeat inside optimize(); this loop runs its own (_Heartbeat)
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = study.ask()
+        # Sampling happens at suggest time, after ask: a sampler seeded by the trial's number draws alike on
+        # a rerun, and workers started together do not draw the same values (one seed would make them).
+        study.sampler = _sampler(opts, params, opts.seed + trial.number)
         try:
             value = run_trial(study, trial, recipe, overrides, params, opts, log)
             study.tell(trial, value)
@@ -455,6 +476,12 @@ def finish(study, recipe, overrides, params, opts: Options, log) -> dict:
     if not complete:
         raise TunelabError("no trial completed (all pruned or failed): widen the space or use --pruner none")
     best = complete[0]
+    if not (Path(best.user_attrs["folder"]) / "config.yaml").is_file():  # a worker elsewhere ran it
+        log(f"the best trial ({best.number}) ran on {best.user_attrs.get('host')} in {best.user_attrs['folder']}, "
+            "which this machine cannot see: rerun the same tunelab search command there to finish (best.yaml, "
+            "test once, report)")
+        return {"finished": len(complete), "requested": opts.trials, "complete": True,
+                "finish_on": best.user_attrs.get("host")}
     best_cfg = config_mod.load_config(Path(best.user_attrs["folder"]) / "config.yaml")
     chosen, reruns = best, []
     if opts.rerun_top and opts.rerun_seeds:
@@ -585,7 +612,7 @@ def plots(study, out: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
             try:
-                ax = draw(study)
+                ax = draw(study, target_name="dev score (0-1)")
             except (ValueError, RuntimeError):  # e.g. no parameter varies: nothing to draw
                 continue
         fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
@@ -595,8 +622,8 @@ def plots(study, out: Path) -> None:
 
 
 def markdown(doc: dict) -> str:
-    def num(v):
-        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    def num(v, digits=4):
+        return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
     def params(p):
         return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
@@ -623,7 +650,7 @@ def markdown(doc: dict) -> str:
     lines += ["| trial | state | dev | last step | seconds | values | folder |", "|---:|---|---:|---:|---:|---|---|"]
     for r in doc["trials"]:
         lines.append(f"| {r['number']} | {r['state'].lower()}{' (retry of ' + str(r['retry_of']) + ')' if r['retry_of'] is not None else ''} "
-                     f"| {num(r['value'])} | {num(r['last_step'])} | {num(r['train_seconds'])} | {params(r['params'])} "
+                     f"| {num(r['value'])} | {num(r['last_step'])} | {num(r['train_seconds'], 1)} | {params(r['params'])} "
                      f"| {r['folder'] or '-'} |")
     lines += ["", "![optimisation history](history.png)", "", "![parallel coordinates](parallel.png)", ""]
     return "\n".join(lines)
