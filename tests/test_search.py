@@ -258,3 +258,18 @@ def test_space_values_become_overrides_the_config_reads_back():
     assert cfg.tune.target_modules == ["query", "value"] and cfg.train.max_steps == 7
     with pytest.raises(TunelabError, match="train.max_steps"):
         load_config(None, ["task=ner", "data.train=x", "train.max_steps=-1"])
+
+
+def test_failing_trials_are_recorded_and_three_in_a_row_stop_the_search(tmp_path, conll_dir, tiny_model_dir):
+    """A trial whose values the run refuses is failed with its message and the search goes on; three failures
+    in a row mean the space (or the recipe) is wrong, and the search stops with the last message."""
+    path, overrides = recipe(tmp_path, conll_dir, tiny_model_dir)
+    sp = space(tmp_path, f"model.name: {{type: categorical, choices: [{tmp_path / 'no-model-a'}, "
+                         f"{tmp_path / 'no-model-b'}]}}")
+    out = tmp_path / "s"
+    with pytest.raises(TunelabError, match="3 trials in a row failed"):
+        search.search(path, sp, search.Options(trials=2, out=out, pruner="none", max_steps=2, quiet=True),
+                      overrides, log=lambda m: None)
+    trials = study_of(out).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL"] * 3
+    assert all("no-model" in t.user_attrs["error"] for t in trials)

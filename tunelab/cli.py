@@ -526,7 +526,8 @@ def main(argv=None) -> int:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = " (a training run continues with --resume)" if args.command == "train" else ""
+        hint = {"train": " (a training run continues with --resume)",
+                "search": " (rerun the same command to continue the search)"}.get(args.command, "")
         print(f"tunelab: interrupted{hint}", file=sys.stderr)
         return 130
 

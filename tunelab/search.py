@@ -340,6 +340,8 @@ def run_trial(study, trial, recipe, overrides: list, params: list[Param], opts: 
     base = flat(config_mod.to_dict(config_mod.load_config(recipe, overrides)))
     values = suggest(trial, params, base)
     folder = trial.user_attrs.get("folder") or str(opts.out / "trials" / f"{trial.number:04d}")
+    if "folder" in trial.user_attrs:  # a failed trial's values again (its user attributes came along)
+        trial.set_user_attr("retry", True)
     trial.set_user_attr("folder", folder)
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
@@ -355,8 +357,12 @@ def run_trial(study, trial, recipe, overrides: list, params: list[Param], opts: 
         trial.report(score, step)
         return "pruned by the search" if trial.should_prune() else None
 
-    with _Heartbeat(study, trial):
-        report = train_recipe(cfg, resume=resume, overwrite=not resume, on_eval=on_eval, test=False)
+    if not resume and (Path(folder) / "report.json").is_file() and trial.user_attrs.get("retry"):
+        # the run had finished when its worker died (before the study heard of it): its report stands
+        report = json.loads((Path(folder) / "report.json").read_text())
+    else:
+        with _Heartbeat(study, trial):
+            report = train_recipe(cfg, resume=resume, overwrite=not resume, on_eval=on_eval, test=False)
     scores = [v for v in trial_values(report)]
     if not scores:
         raise TunelabError(f"trial {trial.number}: the run made no dev evaluation; a search selects on dev")
@@ -425,6 +431,7 @@ def search(recipe, space, opts: Options, overrides=(), log=print) -> dict:
     done = lambda: sum(counts(study)[s] for s in FINISHED)  # noqa: E731
     bar = progress.bar(total=opts.trials, initial=min(done(), opts.trials), desc="search", unit="trial",
                        disable=opts.quiet)
+    failures = 0
 
     while done() + counts(study)["RUNNING"] < opts.trials and (deadline is None or time.monotonic() < deadline):
         with warnings.catch_warnings():
@@ -437,8 +444,19 @@ def search(recipe, space, opts: Options, overrides=(), log=print) -> dict:
         try:
             value = run_trial(study, trial, recipe, overrides, params, opts, log)
             study.tell(trial, value)
+            failures = 0
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            failures = 0
+        except KeyboardInterrupt:
+            raise  # the trial stays running; the next `tunelab search` revives it (as after kill -9)
+        except TunelabError as e:  # e.g. values the config or the model refuse together: the search goes on
+            trial.set_user_attr("error", str(e))
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            failures += 1
+            log(f"trial {trial.number} failed: {e}")
+            if failures == 3:
+                raise TunelabError(f"3 trials in a row failed; the last: {e}") from None
         except BaseException:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
@@ -472,6 +490,12 @@ def finish(study, recipe, overrides, params, opts: Options, log) -> dict:
     the report (search.json, search.md, history.png, parallel.png)."""
     from optuna.trial import TrialState
 
+    written = opts.out / "search.json"
+    if written.is_file():
+        doc = json.loads(written.read_text())
+        if [r["number"] for r in doc["trials"]] == [t.number for t in study.get_trials(deepcopy=False)]:
+            log(f"the search is complete; its report stands: {opts.out / 'search.md'}")
+            return doc
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
     if not complete:
         raise TunelabError("no trial completed (all pruned or failed): widen the space or use --pruner none")
