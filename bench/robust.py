@@ -75,6 +75,8 @@ def run_one(method: str, seed: int, args, work: Path, env: dict) -> dict:
     test = work / "test.conll"
     row = {"method": method, "seed": seed, "train_seconds": report["train_seconds"], "wall_seconds": wall,
            "steps": report["steps"], "dev": report["dev"]["main"] if report.get("dev") else None}
+    if args.timing_only:
+        return row
     metrics = work / "m.json"
     tunelab("eval", str(out), "--data", str(test), "--batch-size", "64", "--bf16", "-o", str(metrics), env=env)
     row["clean"] = json.loads(metrics.read_text())["main"]
@@ -96,6 +98,13 @@ def summary(rows: list[dict]) -> str:
 
     lines = ["| method | seeds | clean test F1 | F1 under noise | drop | F1 under entity swap | drop | train time vs plain |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    if not any("clean" in r for r in rows):  # --timing-only
+        lines = ["| method | seeds | train seconds | vs plain |", "|---|---:|---:|---:|"]
+        for m in methods:
+            t = statistics.mean(r["train_seconds"] for r in rows if r["method"] == m)
+            lines.append(f"| {m} | {sum(r['method'] == m for r in rows)} | {t:.1f} | "
+                         + (f"{t / plain_time:.2f}×" if plain_time else "-") + " |")
+        return "\n".join(lines)
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
         clean, noise, swap = ([r[k] for r in rs] for k in ("clean", "noise", "entity_swap"))
@@ -115,6 +124,8 @@ def main() -> None:
     p.add_argument("--max-test", type=int, default=None, help="the first N test sentences (smoke tests)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the rows and the table here (JSON)")
+    p.add_argument("--timing-only", action="store_true", help="train only (no test evaluations): the cost column "
+                                                              "alone, on an otherwise idle machine")
     args = p.parse_args()
     methods = args.methods.split(",")
     for m in methods:
@@ -122,7 +133,7 @@ def main() -> None:
     done = []
     if args.out and Path(args.out).exists():
         before = json.loads(Path(args.out).read_text())
-        same = ("epochs", "max_train", "max_test", "threads")
+        same = ("epochs", "max_train", "max_test", "threads", "timing_only")
         if any(before["args"].get(k) != getattr(args, k) for k in same):
             sys.exit(f"{args.out} holds runs with other settings ({', '.join(same)}); choose another --out")
         done = before["rows"]
