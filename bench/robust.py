@@ -41,6 +41,7 @@ METHODS = {
     "freelb": ["robust.adversarial=freelb", "robust.epsilon=1.0", "robust.alpha=0.3", "robust.steps=2"],
     "rdrop": ["robust.rdrop=1.0"],
     "augment": ["robust.augment.char_noise=0.3", "robust.augment.mentions=0.3", "robust.augment_intensity=0.1"],
+    "noise": ["robust.augment.char_noise=0.6", "robust.augment_intensity=0.1"],  # character noise only, stronger
 }
 PERTURBATIONS = {"noise": ("char_noise=1", 0.05), "entity_swap": ("mentions=0.5", 1.0)}
 
