@@ -97,8 +97,9 @@ def summary(rows: list[dict]) -> str:
         values = [v * 100 for v in values]
         return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
-    lines = ["| method | seeds | clean test F1 | F1 under noise | drop | F1 under entity swap | drop | train time vs plain |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    plain = {r["seed"]: r for r in rows if r["method"] == "plain"}
+    lines = ["| method | seeds | clean test F1 | vs plain, same seed | F1 under noise | drop | F1 under entity swap | drop "
+             "| train time vs plain |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     if not any("clean" in r for r in rows):  # --timing-only
         lines = ["| method | seeds | train seconds | vs plain |", "|---|---:|---:|---:|"]
         for m in methods:
@@ -110,7 +111,9 @@ def summary(rows: list[dict]) -> str:
         rs = [r for r in rows if r["method"] == m]
         clean, noise, swap = ([r[k] for r in rs] for k in ("clean", "noise", "entity_swap"))
         t = statistics.mean(r["train_seconds"] for r in rs)
-        lines.append(f"| {m} | {len(rs)} | {cell(clean)} | {cell(noise)} | {cell([c - n for c, n in zip(clean, noise)])} "
+        paired = [r["clean"] - plain[r["seed"]]["clean"] for r in rs if r["seed"] in plain]
+        gain = ("+" if statistics.mean(paired) >= 0 else "") + cell(paired) if paired and m != "plain" else "-"
+        lines.append(f"| {m} | {len(rs)} | {cell(clean)} | {gain} | {cell(noise)} | {cell([c - n for c, n in zip(clean, noise)])} "
                      f"| {cell(swap)} | {cell([c - s for c, s in zip(clean, swap)])} | "
                      + (f"{t / plain_time:.2f}×" if plain_time else "-") + " |")
     return "\n".join(lines)
@@ -135,7 +138,7 @@ def main() -> None:
     if args.out and Path(args.out).exists():
         before = json.loads(Path(args.out).read_text())
         same = ("epochs", "max_train", "max_test", "threads", "timing_only")
-        if any(before["args"].get(k) != getattr(args, k) for k in same):
+        if any(before["args"].get(k, False if k == "timing_only" else None) != getattr(args, k) for k in same):
             sys.exit(f"{args.out} holds runs with other settings ({', '.join(same)}); choose another --out")
         done = before["rows"]
 
