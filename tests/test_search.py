@@ -273,3 +273,25 @@ def test_failing_trials_are_recorded_and_three_in_a_row_stop_the_search(tmp_path
     trials = study_of(out).get_trials()
     assert [t.state.name for t in trials] == ["FAIL"] * 3
     assert all("no-model" in t.user_attrs["error"] for t in trials)
+
+
+@pytest.mark.parametrize("kind", ["classify", "generate"])
+def test_classification_and_generation_are_searched_on_their_dev_score(kind, tmp_path, cls_dir, gen_dir,
+                                                                       tiny_model_dir, tiny_causal_dir):
+    """A trial's value is the task's 0-1 score of its best dev metrics (generation: exp(-loss))."""
+    from conftest import gen_overrides, tiny_overrides
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"task: {kind}\n")
+    overrides = gen_overrides(gen_dir, tiny_causal_dir, tmp_path / "u", **QUICK) if kind == "generate" else \
+        tiny_overrides(tiny_model_dir, tmp_path / "u", **QUICK, **{
+            "task": "classify", "data.train": cls_dir / "train.jsonl", "data.dev": cls_dir / "dev.jsonl",
+            "data.test": cls_dir / "test.jsonl"})
+    sp = space(tmp_path, "train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}")
+    doc = search.search(path, sp, search.Options(trials=1, out=tmp_path / "s", pruner="none", max_steps=4,
+                                                 quiet=True), overrides, log=lambda m: None)
+    t = doc["trials"][0]
+    report = json.loads((Path(t["folder"]) / "report.json").read_text())
+    scores = [task_type(kind).score(e["metrics"]) for e in report["evals"]]
+    assert t["value"] == pytest.approx(max(scores)) and 0 < t["value"] <= 1
+    assert doc["test"]["runs"][0]["score"] is not None
