@@ -295,3 +295,24 @@ def test_classification_and_generation_are_searched_on_their_dev_score(kind, tmp
     scores = [task_type(kind).score(e["metrics"]) for e in report["evals"]]
     assert t["value"] == pytest.approx(max(scores)) and 0 < t["value"] <= 1
     assert doc["test"]["runs"][0]["score"] is not None
+
+
+def test_a_trial_of_a_worker_elsewhere_that_stopped_beating_is_run_again(tmp_path, conll_dir, tiny_model_dir):
+    """A running trial whose worker is on another machine is judged by its heartbeat: once it is older than
+    the grace period, the trial is failed and queued again with the same values."""
+    path, overrides = recipe(tmp_path, conll_dir, tiny_model_dir)
+    sp = space(tmp_path, "train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}")
+    out = tmp_path / "s"
+    opts = search.Options(trials=1, out=out, pruner="none", max_steps=2, quiet=True, grace_seconds=1)
+    out.mkdir()
+    study = search.open_study(opts, search.load_space(sp))
+    trial = study.ask()
+    trial.suggest_float("train.lr", 1.0e-3, 1.0e-2, log=True)
+    trial.set_user_attr("host", "elsewhere")
+    trial.set_user_attr("pid", 1)
+    study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(2)
+    search.search(path, sp, opts, overrides, log=lambda m: None)
+    trials = study_of(out).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == 0

@@ -203,6 +203,7 @@ class Options:
     rerun_seeds: tuple = ()
     quiet: bool = False
     finish: bool = True  # False: a worker that leaves the end (choice, test, report) to its parent
+    grace_seconds: int = GRACE_S  # a running trial without a heartbeat for this long belongs to a dead worker
 
 
 def storage_url(opts: Options) -> str:
@@ -220,7 +221,7 @@ def open_study(opts: Options, params: list[Param]):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable
                 storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                     grace_period=GRACE_S,
+                                     grace_period=opts.grace_seconds,
                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
             break
         except ImportError:
@@ -433,7 +434,14 @@ def search(recipe, space, opts: Options, overrides=(), log=print) -> dict:
                        disable=opts.quiet)
     failures = 0
 
-    while done() + counts(study)["RUNNING"] < opts.trials and (deadline is None or time.monotonic() < deadline):
+    while True:
+        # A worker elsewhere that stopped beating: its trial is failed and queued again (optimize() would do
+        # this before each trial; this loop is ask/tell).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        if done() + counts(study)["RUNNING"] >= opts.trials or (deadline is not None and time.monotonic() > deadline):
+            break
         with warnings.catch_warnings():
             # Optuna would run the heartbeat inside optimize(); this loop runs its own (_Heartbeat)
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
