@@ -326,7 +326,7 @@ def test_bad_multitask_configs(tmp_path, conll_dir, cls_dir, gen_dir, tiny_model
     with pytest.raises(TunelabError, match="unknown config key 'tasks.ner.wieght'"):
         load(base + ["tasks.ner.wieght=2"])
     with pytest.raises(TunelabError, match="needs a decoder"):
-        run(base + [f"tasks.gen.task=generate", f"tasks.gen.data.train={gen_dir / 'train.jsonl'}"])
+        run(base + ["tasks.gen.task=generate", f"tasks.gen.data.train={gen_dir / 'train.jsonl'}"])
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 

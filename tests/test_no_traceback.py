@@ -1,7 +1,6 @@
 """A sweep of user mistakes over every command: each ends with exit 2 and one `tunelab: error:` line that
 names what is wrong, never a Python traceback."""
 
-import pytest
 
 from tunelab import cli
 

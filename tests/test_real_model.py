@@ -3,7 +3,6 @@ learns (broken alignment, labels or optimisation leave entity F1 near 0), then t
 the saved folder and reproduces tunelab's predictions."""
 
 import pytest
-import torch
 
 from tunelab.config import load_config
 from tunelab.data import load_splits

@@ -81,7 +81,7 @@ def test_ner_output_folder(ner_run):
 
 
 def test_ner_plain_transformers_matches_predictor(ner_run, conll_dir):
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForTokenClassification
 
     out, report = ner_run
     sents = read_conll(conll_dir / "test.conll")
