@@ -228,10 +228,13 @@ def open_study(opts: Options, params: list[Param]):
             raise TunelabError(f"--storage {_safe(url)}: the database driver for this URL is not installed "
                                "(PostgreSQL: pip install 'psycopg[binary]'; MySQL: pip install pymysql)") from None
         except Exception as e:  # sqlalchemy's: a malformed URL, a server that does not answer, a refused login
-            from sqlalchemy.exc import IntegrityError, ProgrammingError
+            from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-            # Workers started together on a new database race to create its tables: the loser tries again.
-            if attempt == 4 or not isinstance(e, (IntegrityError, ProgrammingError)):
+            # Workers started together on a new database race to create its tables: the loser tries again
+            # (PostgreSQL says so with a unique violation, SQLite with "already exists" or a held lock).
+            racing = isinstance(e, (IntegrityError, ProgrammingError)) or isinstance(e, OperationalError) and \
+                any(w in str(e) for w in ("already exists", "database is locked"))
+            if attempt == 4 or not racing:
                 raise TunelabError(f"--storage {_safe(url)}: cannot open the study's storage: "
                                    f"{str(e).splitlines()[0]}") from None
             time.sleep(1 + attempt)
