@@ -207,6 +207,17 @@ def plain_transformers_tags(model_dir, sentences) -> list[list[str]]:
     return out
 
 
+def checkpointing_recipe(path, conll_dir, model_dir, epochs: int, extra: str = ""):
+    """A small NER recipe file that checkpoints every step (for kill -9 and resume tests); `extra`: more
+    YAML lines (e.g. a robust: section). Returns the path."""
+    path.write_text(f"""task: ner
+model: {{name: {model_dir}}}
+data: {{train: {conll_dir / 'train.conll'}, dev: {conll_dir / 'dev.conll'}}}
+train: {{epochs: {epochs}, batch_size: 4, lr: 3.0e-3, threads: 2, device: cpu, save_every: 1}}
+""" + extra)
+    return path
+
+
 def kill_after_first_checkpoint(recipe, overrides: list[str], log_path) -> None:
     """Start `tunelab train` in a subprocess and SIGKILL it as soon as a resumable checkpoint exists."""
     import sys

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kill_after_first_checkpoint, ner_overrides
+from conftest import checkpointing_recipe, kill_after_first_checkpoint, ner_overrides
 from safetensors.torch import load_file
 
 from tunelab import cli
@@ -296,13 +296,8 @@ def test_supervised_run_with_fgm_and_rdrop(tmp_path, conll_dir, tiny_model_dir):
 
 
 def test_resume_after_sigkill_with_freelb_is_exact(tmp_path, conll_dir, tiny_model_dir):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""task: ner
-model: {{name: {tiny_model_dir}}}
-data: {{train: {conll_dir / 'train.conll'}, dev: {conll_dir / 'dev.conll'}}}
-train: {{epochs: 1, batch_size: 4, lr: 3.0e-3, threads: 2, device: cpu, save_every: 1}}
-robust: {{adversarial: freelb, steps: 2, epsilon: 0.5, alpha: 0.2}}
-""")
+    recipe = checkpointing_recipe(tmp_path / "recipe.yaml", conll_dir, tiny_model_dir, 1,
+                                  "robust: {adversarial: freelb, steps: 2, epsilon: 0.5, alpha: 0.2}\n")
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     report_a = train(load_config(recipe, [f"output_dir={out_a}"]))
     kill_after_first_checkpoint(recipe, [f"output_dir={out_b}"], tmp_path / "b.log")

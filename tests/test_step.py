@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import kill_at_checkpoint
+from conftest import checkpointing_recipe, kill_at_checkpoint
 
 from tunelab.data import read_file
 from tunelab.data.batching import collate
@@ -195,12 +195,7 @@ def test_stateful_loss_term_survives_sigkill_and_resume_exactly(tmp_path, conll_
     from tunelab.train import checkpoint
     from safetensors.torch import load_file
 
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""task: ner
-model: {{name: {tiny_model_dir}}}
-data: {{train: {conll_dir / 'train.conll'}, dev: {conll_dir / 'dev.conll'}}}
-train: {{epochs: 2, batch_size: 4, lr: 3.0e-3, threads: 2, device: cpu, save_every: 1}}
-""")
+    recipe = checkpointing_recipe(tmp_path / "recipe.yaml", conll_dir, tiny_model_dir, 2)
     script = tmp_path / "stateful_run.py"
     script.write_text(SCRIPT)
     spec = importlib.util.spec_from_file_location("stateful_run", script)

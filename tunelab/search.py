@@ -139,7 +139,7 @@ def _param(path: Path, key: str, spec, later: set[str]) -> Param:
 
 def _check_against_config(path: Path, params: list[Param], recipe, overrides) -> None:
     """Every key takes each of its extremes/choices in the recipe's config; `when` keys exist."""
-    base = flat(config_mod.to_dict(config_mod.load_config(recipe, overrides)))
+    base = config_mod.flatten(config_mod.to_dict(config_mod.load_config(recipe, overrides)))
     for p in params:
         if p.key not in base:
             raise TunelabError(f"{path}: {p.key}: not a config key of this recipe (e.g. train.lr, tune.lora_r)")
@@ -152,14 +152,6 @@ def _check_against_config(path: Path, params: list[Param], recipe, overrides) ->
                 config_mod.load_config(recipe, [*overrides, override(p.key, value)])
             except TunelabError as e:
                 raise TunelabError(f"{path}: {p.key}: the value {value!r} is not accepted: {e}") from None
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}"""
-    out = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 def override(key: str, value) -> str:
@@ -341,7 +333,7 @@ def run_trial(study, trial, recipe, overrides: list, params: list[Param], opts: 
 
     from tunelab.train import checkpoint
 
-    base = flat(config_mod.to_dict(config_mod.load_config(recipe, overrides)))
+    base = config_mod.flatten(config_mod.to_dict(config_mod.load_config(recipe, overrides)))
     values = suggest(trial, params, base)
     folder = trial.user_attrs.get("folder") or str(opts.out / "trials" / f"{trial.number:04d}")
     if "folder" in trial.user_attrs:  # a failed trial's values again (its user attributes came along)
@@ -367,7 +359,7 @@ def run_trial(study, trial, recipe, overrides: list, params: list[Param], opts: 
     else:
         with _Heartbeat(study, trial):
             report = train_recipe(cfg, resume=resume, overwrite=not resume, on_eval=on_eval, test=False)
-    scores = [v for v in trial_values(report)]
+    scores = trial_values(report)
     if not scores:
         raise TunelabError(f"trial {trial.number}: the run made no dev evaluation; a search selects on dev")
     trial.set_user_attr("steps", report["steps"])

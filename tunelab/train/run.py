@@ -43,8 +43,8 @@ def prepare_output(out: Path, cfg, resume: bool, overwrite: bool, write: bool = 
                 raise TunelabError(f"--resume: the run in {out} has already finished (report.json is there); "
                                    "pass --overwrite to train it again")
             if saved.is_file():
-                old = _flat(yaml.safe_load(saved.read_text(encoding="utf-8")))
-                new = _flat(config_mod.to_dict(cfg))
+                old = config_mod.flatten(yaml.safe_load(saved.read_text(encoding="utf-8")))
+                new = config_mod.flatten(config_mod.to_dict(cfg))
                 # tracking settings do not change the training: a resumed run may log elsewhere
                 diff = [k for k in new if old.get(k) != new[k] and not k.startswith("track.")]
                 if diff:
@@ -67,13 +67,6 @@ def claim_output(out: Path, cfg, resume: bool, overwrite: bool, dist) -> None:
     if dist.main:
         prepare_output(out, cfg, resume, overwrite)
     dist.barrier()
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 # ---- selection, patience, save cadence ----
