@@ -61,6 +61,8 @@ class ModelConfig:
     dropout: float | None = ranged(None, ge=0, lt=1)  # overrides the backbone's hidden/attention dropout when set
     trust_remote_code: bool = False
     max_unk_share: float = ranged(0.3, ge=0, le=1)  # refuse data whose tokens the tokenizer mostly cannot read
+    # name is a fine-tuned folder: keep its head's labels (widened for the data's new ones) or start a new head
+    head: str = choice("keep", ("keep", "new"))
 
 
 @dataclass
@@ -83,6 +85,8 @@ class DataConfig:
     tag_scheme: str = choice("iob2", SCHEMES)  # scheme of the input files; converted to IOB2
     context_sentences: int = ranged(0, ge=0)  # NER: up to this many neighbouring sentences of one document as context
     max_train_examples: int | None = ranged(None, ge=1)  # first N training examples (quick runs)
+    skip_train_examples: int = ranged(0, ge=0)  # leave out the first N (with max_train_examples: a window)
+    only_labels: list[str] | None = None  # keep these labels (NER: entity types; others become O) and drop the rest
     max_eval_examples: int | None = ranged(None, ge=1)  # first N dev examples
 
 

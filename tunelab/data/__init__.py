@@ -36,21 +36,36 @@ def load_splits(data, task: str) -> Splits:
                   prompt_field=data.prompt_field, target_field=data.target_field)
         splits = Splits(*(read_file(p, task, data.format, **kw) if p else [] for p in (data.train, data.dev, data.test)),
                         {"files": {"train": data.train, "dev": data.dev, "test": data.test}})
+    if data.skip_train_examples:
+        splits.train = splits.train[data.skip_train_examples:]
+        if not splits.train:
+            raise TunelabError(f"data.skip_train_examples={data.skip_train_examples} skips every training example")
     if data.max_train_examples:
         splits.train = splits.train[: data.max_train_examples]
+    if data.only_labels:
+        kind = task_type(task)
+        kind.check_kept_labels(splits.train, data.only_labels)
+        splits.train, splits.dev, splits.test = (kind.keep_labels(s, data.only_labels)
+                                                 for s in (splits.train, splits.dev, splits.test))
+        if not splits.train:
+            raise TunelabError(f"data.only_labels={data.only_labels}: no training example is left")
     if data.max_eval_examples:
         splits.dev = splits.dev[: data.max_eval_examples]
     return splits
 
 
-def check_labels(train: list, others: dict[str, list]) -> list[str]:
+def check_labels(train: list, others: dict[str, list], start: list[str] | None = None) -> list[str]:
     """The label list from training data (the examples' task type says how: tunelab.tasks.Task.label_list);
-    a dev/test label never seen in training is an error naming where."""
+    a dev/test label never seen in training is an error naming where. `start`: the labels of a trained head
+    that training continues (a saved model folder): they keep their places, and the training data's new labels
+    follow them (the head is widened), so old rows keep meaning the same labels."""
     from tunelab.tasks import task_of
 
     if not train:
         raise TunelabError("no training examples")
     labels = task_of(train[0]).label_list(train)
+    if start:
+        labels = list(start) + [label for label in labels if label not in start]
     for split, examples in others.items():
         check_known_labels(examples, labels, f"in the {split} split never occurs in training")
     return labels

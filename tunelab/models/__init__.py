@@ -131,7 +131,9 @@ def set_dropout(config, dropout) -> None:
 
 def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_code=False):
     """A token- or sequence-classification model with `labels` as its id2label, or a generation model
-    (causal LM or encoder-decoder), from safetensors weights."""
+    (causal LM or encoder-decoder), from safetensors weights. A folder whose trained head has the first labels
+    of `labels` (continued training on data with more labels: tunelab.data.check_labels puts the saved ones
+    first) keeps that head, widened by rows for the new labels."""
     from transformers import AutoConfig
 
     from tunelab.tasks import task_type
@@ -139,7 +141,9 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     kind = task_type(task)
     saved_labels = [config.id2label[i] for i in sorted(config.id2label)] if _has_label_head(config) else None
-    kind.configure(config, labels)
+    widen = kind.new_head and saved_labels is not None and len(labels) > len(saved_labels) and \
+        list(labels[:len(saved_labels)]) == saved_labels
+    kind.configure(config, saved_labels if widen else labels)
     set_dropout(config, dropout)
     cls = kind.model_class(config)
     if type(config) not in cls._model_mapping:
@@ -148,7 +152,7 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
     require_weights(path)
     # A folder fine-tuned on other labels (another label set, another count): its head cannot serve these
     # labels, so a new one is initialised, and the user is told (transformers would raise on the shape).
-    fresh_head = kind.new_head and saved_labels is not None and saved_labels != list(labels)
+    fresh_head = kind.new_head and saved_labels is not None and saved_labels != list(labels) and not widen
     if fresh_head:
         logging.getLogger("tunelab.models").warning(
             f"model {path}: its head was trained for the labels {', '.join(saved_labels[:8])}"
@@ -169,7 +173,60 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
                     torch.nn.init.normal_(m.weight, std=std)
                     if m.bias is not None:
                         torch.nn.init.zeros_(m.bias)
+    if widen:
+        widen_head(model, task, labels)
     return model
+
+
+def head_labels(path, task: str) -> list[str] | None:
+    """The labels of the trained head that a model folder holds for a task of kind `task` (a folder
+    fine-tuned by tunelab or transformers), or None: a bare backbone, or a head of another kind."""
+    from transformers import AutoConfig
+
+    from tunelab.tasks import task_type
+
+    kind = task_type(task)
+    config = AutoConfig.from_pretrained(str(path))
+    suffix = "For" + "".join(w.capitalize() for w in kind.head.split("-"))  # ForTokenClassification
+    if not kind.new_head or not any(a.endswith(suffix) for a in (config.architectures or [])):
+        return None
+    return [config.id2label[i] for i in sorted(config.id2label)]
+
+
+def widen_head(model, task: str, labels: list[str], generator=None) -> None:
+    """Give a trained classification head rows for the labels after its own (`labels` starts with the
+    head's labels): the output layer's old rows are kept exactly, so the old labels' logits do not change;
+    the new rows start as transformers starts a new head (normal, std initializer_range; bias 0)."""
+    import torch
+
+    from tunelab.peft import head_names
+    from tunelab.tasks import task_type
+
+    old = model.config.num_labels
+    if [model.config.id2label[i] for i in range(old)] != list(labels[:old]):
+        raise TunelabError(f"the head's labels {list(model.config.id2label.values())} are not the first of "
+                           f"{labels}; a widened head keeps its labels in their places")
+    layers = [(name, m) for head in sorted(head_names(model, task))
+              for name, m in model.get_submodule(head).named_modules(prefix=head)
+              if isinstance(m, torch.nn.Linear) and m.out_features == old]
+    if not layers:
+        raise TunelabError(f"{type(model).__name__}: no output layer of {old} labels found in its head to widen")
+    name, layer = layers[-1]  # the output projection (RoBERTa's head has a dense layer before it)
+    new = torch.nn.Linear(layer.in_features, len(labels), bias=layer.bias is not None,
+                          device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        std = getattr(model.config, "initializer_range", 0.02)
+        new.weight.normal_(0.0, std, generator=generator)
+        new.weight[:old] = layer.weight
+        if layer.bias is not None:
+            new.bias.zero_()
+            new.bias[:old] = layer.bias
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    task_type(task).configure(model.config, list(labels))
+    for m in model.modules():  # transformers task models copy num_labels at init and reshape logits by it
+        if hasattr(m, "num_labels") and m.num_labels == old:
+            m.num_labels = len(labels)
 
 
 def _has_label_head(config) -> bool:

@@ -56,6 +56,18 @@ class Task(Protocol):
         """An example's gold labels, to check against a label list."""
 
     @staticmethod
+    def check_kept_labels(train: list, keep: list[str]) -> None:
+        """data.only_labels: raise TunelabError naming any kept label the training data does not have."""
+
+    @staticmethod
+    def keep_labels(examples: list, keep: list[str]) -> list:
+        """The examples as data annotated for the `keep` labels only would be (data.only_labels)."""
+
+    @staticmethod
+    def restrict_predictions(predictions: list, labels: list[str]) -> list:
+        """Predictions scored against data of `labels` only (continual learning's per-experience scores)."""
+
+    @staticmethod
     def model_class(config):
         """The transformers Auto class for a backbone with this config."""
 

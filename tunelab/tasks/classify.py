@@ -111,6 +111,27 @@ class ClassifyTask:
         return [example.label]
 
     @staticmethod
+    def check_kept_labels(train: list, keep: list[str]) -> None:
+        from tunelab.errors import TunelabError
+
+        known = sorted({e.label for e in train})
+        unknown = [k for k in keep if k not in known]
+        if unknown:
+            raise TunelabError(f"data.only_labels: {', '.join(map(repr, unknown))} not among the training data's "
+                               f"labels ({', '.join(known)})")
+
+    @staticmethod
+    def keep_labels(examples: list, keep: list[str]) -> list:
+        """Only the examples of the `keep` classes (a class-incremental experience's data)."""
+        keep = set(keep)
+        return [e for e in examples if e.label in keep]
+
+    @staticmethod
+    def restrict_predictions(predictions: list, labels: list[str]) -> list:
+        """As they are: a text of these classes predicted as another is wrong (class-incremental scoring)."""
+        return predictions
+
+    @staticmethod
     def model_class(config):
         from transformers import AutoModelForSequenceClassification
 

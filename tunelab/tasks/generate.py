@@ -203,6 +203,20 @@ class GenerateTask:
         return []
 
     @staticmethod
+    def check_kept_labels(train: list, keep: list[str]) -> None:
+        from tunelab.errors import TunelabError
+
+        raise TunelabError("data.only_labels: generation data has references, not labels; leave it unset")
+
+    @staticmethod
+    def keep_labels(examples: list, keep: list[str]) -> list:
+        return examples
+
+    @staticmethod
+    def restrict_predictions(predictions: list, labels: list[str]) -> list:
+        return predictions
+
+    @staticmethod
     def model_class(config):
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 

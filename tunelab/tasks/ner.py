@@ -223,6 +223,31 @@ class NerTask:
         return example.tags or []
 
     @staticmethod
+    def check_kept_labels(train: list, keep: list[str]) -> None:
+        """data.only_labels names entity types (PER, not B-PER) that the training data has."""
+        from tunelab.data.tags import entity_types, label_list
+
+        types = entity_types(label_list(s.tags for s in train if s.tags))
+        unknown = [k for k in keep if k not in types]
+        if unknown:
+            raise TunelabError(f"data.only_labels: {', '.join(map(repr, unknown))} not among the training data's "
+                               f"entity types ({', '.join(types)}); name entity types, not tags")
+
+    @staticmethod
+    def keep_labels(examples: list, keep: list[str]) -> list:
+        """The sentences with the entities of other types tagged O (what a corpus annotated only for
+        `keep` looks like: class-incremental NER)."""
+        from dataclasses import replace
+
+        return [replace(s, tags=_only_types(s.tags, set(keep))) if s.tags else s for s in examples]
+
+    @staticmethod
+    def restrict_predictions(predictions: list, labels: list[str]) -> list:
+        """Predictions as a tagger of `labels` only would make them: entities of other types become O."""
+        types = {t[2:] for t in labels if t != "O"}
+        return [(_only_types(tags, types), scores) for tags, scores in predictions]
+
+    @staticmethod
     def model_class(config):
         from transformers import AutoModelForTokenClassification
 
@@ -298,6 +323,10 @@ class NerTask:
         from tunelab.data.conll import conll_columns
 
         return conll_columns(examples, [p[0] for p in predictions], doc)
+
+
+def _only_types(tags: list[str], types: set) -> list[str]:
+    return [t if t == "O" or t[2:] in types else "O" for t in tags]
 
 
 def iob2_transitions(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -181,10 +181,18 @@ def step_scalars(record: dict) -> dict:
 # ---- the model folder ----
 
 def base_model_name(name: str) -> str:
-    """How tunelab.json names the base model: a packaged name as it is, a folder as an absolute path."""
+    """How tunelab.json names the base model: a packaged name as it is, a folder as an absolute path; an
+    adapter folder that training continued from, as that adapter's own base (which the new adapter needs)."""
     from tunelab.models import PACKAGED
 
-    return name if name in PACKAGED else str(Path(name).resolve())
+    if name in PACKAGED:
+        return name
+    meta = Path(name) / META_FILE
+    if meta.is_file():
+        saved = json.loads(meta.read_text(encoding="utf-8"))
+        if saved.get("adapter"):
+            return saved["base_model"]
+    return str(Path(name).resolve())
 
 
 def publish(out: Path, write, meta: dict) -> None:

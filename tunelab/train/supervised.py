@@ -18,7 +18,7 @@ from tunelab import peft as tuning
 from tunelab import progress, track
 from tunelab.data import Splits, check_labels, load_splits
 from tunelab.data.batching import collate, epoch_batches
-from tunelab.models import check_coverage, load_model, load_tokenizer, resolve_model_path
+from tunelab.models import check_coverage, head_labels, load_model, load_tokenizer, resolve_model_path
 from tunelab.robust import augmenter_from_config, step_from_config
 from tunelab.tasks import task_type
 from tunelab.train import checkpoint, run
@@ -50,14 +50,26 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
 
     # Data and labels: a dev/test label never seen in training is an error, not a silent zero.
     splits = splits if splits is not None else load_splits(cfg.data, cfg.task)
-    labels = check_labels(splits.train, {"dev": splits.dev, "test": splits.test})
+    path = resolve_model_path(cfg.model.name)
+    saved = run.read_meta(path) if (path / run.META_FILE).is_file() else None
+    # A fine-tuned folder (continued training on new data) keeps its head's labels, new ones after them.
+    start = (saved.get("labels") if saved and saved.get("adapter") else head_labels(path, cfg.task)) \
+        if cfg.model.head == "keep" and not (saved and saved.get("task") not in (None, cfg.task)) else None
+    labels = check_labels(splits.train, {"dev": splits.dev, "test": splits.test}, start=start or None)
+    if start:
+        added = [x for x in labels if x not in start]
+        log(f"model {cfg.model.name}: continuing its trained head ({len(start)} labels" +
+            (f"; widened for {len(added)} new: {', '.join(added[:8])}{' ...' if len(added) > 8 else ''})"
+             if added else ")"))
 
     # Model: pretrained backbone + fresh head whose id2label is our label list; the task that feeds it.
-    path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-    model = load_model(path, cfg.task, labels, cfg.model.dropout, cfg.model.trust_remote_code)
-    heads = tuning.head_names(model, cfg.task)
-    model = tuning.apply(model, cfg.tune, cfg.task, path).to(device)
+    if saved and saved.get("adapter"):  # an adapter folder: its base with the adapter, trained on (or merged)
+        model, tuned = tuning.continue_adapter(path, saved, cfg.task, labels, cfg.tune, cfg.model.dropout)
+    else:
+        model, tuned = load_model(path, cfg.task, labels, cfg.model.dropout, cfg.model.trust_remote_code), False
+    heads = tuning.head_names(tuning.base_of(model), cfg.task)
+    model = (model if tuned else tuning.apply(model, cfg.tune, cfg.task, path)).to(device)
     max_length = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
     kind = task_type(cfg.task)
     task = kind.build(tokenizer, labels, max_length, kind.options(cfg.data, tuning.base_of(model).config))
