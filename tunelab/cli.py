@@ -226,6 +226,14 @@ def cmd_train(args) -> int:
                 print(f"\n== {name}: test ==\n{metrics_table(entry['test'])}")
         print(f"\nmodel, report and curves: {cfg.output_dir}")
         return 0
+    if cfg.task == "continual":
+        from tunelab.continual import train as train_continual
+        from tunelab.report.continual import matrix_markdown
+
+        report = train_continual(cfg, resume=args.resume, overwrite=args.overwrite)
+        print("\n" + matrix_markdown(report))
+        print(f"\nmodel after each experience, report and matrix: {cfg.output_dir}")
+        return 0
     if cfg.task == "rl":
         from tunelab.report.rl import before_after_table
         from tunelab.rl import train as train_rl

@@ -25,11 +25,13 @@ from tunelab.tasks import KINDS
 # import torch, so their lists (ADAPTERS, ESTIMATORS, SAMPLINGS) live here and they import them (config must load
 # without torch).
 TASKS = KINDS  # the task registry (tunelab.tasks): a plain run, or one entry of `tasks:`
-RUN_TASKS = TASKS + ("multitask", "rl")  # ... and the recipes that combine tasks or train a generator by reward
+RUN_TASKS = TASKS + ("multitask", "rl", "continual")  # ... and the recipes that combine or sequence tasks or train by reward
 ADAPTERS = ("lora", "ia3", "prompt", "prefix")  # tune methods that train a peft adapter
 METHODS = ("full", *ADAPTERS, "bitfit", "head")
 MULTITASK_METHODS = ("full", "lora", "bitfit", "head")  # lora: one adapter per task on the shared backbone
 RL_METHODS = ("full", "lora")  # lora: the reference is the same weights with the adapter off
+# continual.strategy: naive, joint, or these joined by "+" (replay+lwf); tunelab.continual acts on each
+CONTINUAL = ("ewc", "replay", "lwf", "adapters")
 ESTIMATORS = ("reinforce", "rloo", "self_critical", "ppo")
 SAMPLINGS = ("proportional", "temperature", "round_robin", "annealed")
 WEIGHTINGS = ("fixed", "uncertainty", "pcgrad")
@@ -141,6 +143,31 @@ class TaskSpec:
 
 
 @dataclass
+class ExperienceSpec:
+    """One experience of a continual run (`experiences: {NAME: {...}}`, in the order given)."""
+    task: str = choice("classify", TASKS)
+    data: DataConfig = field(default_factory=DataConfig)
+    # the head it trains: experiences naming one head share it (new labels widen it: class-incremental; the
+    # same labels on new data: domain-incremental); default: a head of its own (task-incremental)
+    head: str | None = None
+    max_length: int | None = ranged(None, ge=8)  # None = model.max_length
+
+
+@dataclass
+class ContinualConfig:
+    """task: continual (tunelab.continual)."""
+    strategy: str = "naive"  # naive | joint | ewc, replay, lwf, adapters, or several joined by "+" (replay+lwf)
+    ewc_lambda: float = ranged(1.0e4, ge=0)  # EWC: weight of the penalty (lambda/2) sum F (theta - theta*)^2
+    ewc_decay: float = ranged(1.0, gt=0, le=1)  # online EWC: older experiences' Fisher is multiplied by it
+    fisher_samples: int = ranged(512, gt=0)  # EWC: training examples per experience the Fisher is estimated on
+    replay_size: int = ranged(1000, gt=0)  # replay: the reservoir buffer's bound, examples of all past experiences
+    lwf_weight: float = ranged(1.0, ge=0)  # LwF: weight of the distillation from the previous model
+    lwf_temperature: float = ranged(2.0, gt=0)
+    reference: bool = False  # also train each experience alone from the start model: forward transfer
+    eval_split: str = choice("test", ("test", "dev"))  # the accuracy matrix's data (dev: to choose settings on)
+
+
+@dataclass
 class MultiTaskConfig:
     """How the tasks of a multi-task run share the steps and the loss (task: multitask)."""
     sampling: str = choice("temperature", SAMPLINGS)
@@ -224,6 +251,8 @@ class RunConfig:
     tasks: dict[str, TaskSpec] = field(default_factory=dict)  # task: multitask
     multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # task: rl
+    experiences: dict[str, ExperienceSpec] = field(default_factory=dict)  # task: continual, in order
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)  # supervised and multi-task recipes
     track: TrackConfig = field(default_factory=TrackConfig)
 
@@ -376,6 +405,8 @@ def _validate(cfg: RunConfig, sources: dict):
         _validate_multitask(cfg, sources)
     elif cfg.task == "rl":
         _validate_rl(cfg, sources)
+    elif cfg.task == "continual":
+        _validate_continual(cfg, sources)
     elif cfg.tasks:
         raise _fail(sources, "tasks", "config key 'tasks' is for task: multitask; set task=multitask or remove "
                     "'tasks'")
@@ -409,6 +440,51 @@ def _validate_multitask(cfg: RunConfig, sources: dict):
     if m.train_backbone and cfg.tune.method != "lora":
         raise _fail(sources, "multitask.train_backbone", "config key 'multitask.train_backbone' applies to "
                     "tune.method=lora (per-task adapters); with full tuning the backbone always trains")
+
+
+def strategies(strategy: str) -> list[str]:
+    """continual.strategy as its parts: [] for naive, ["joint"], or CONTINUAL names (replay+lwf)."""
+    parts = [p.strip() for p in strategy.split("+")]
+    if parts in (["naive"], ["joint"]):
+        return [] if parts == ["naive"] else parts
+    bad = [p for p in parts if p not in CONTINUAL]
+    if bad or len(set(parts)) != len(parts):
+        raise TunelabError(f"config key 'continual.strategy': {strategy!r} is not naive, joint, or a '+'-joined "
+                           f"combination of {', '.join(CONTINUAL)}" + (f" ({bad[0]!r} is none of them)" if bad else ""))
+    return parts
+
+
+def _validate_continual(cfg: RunConfig, sources: dict):
+    if len(cfg.experiences) < 2:
+        raise _fail(sources, "experiences", "task: continual needs at least two entries under 'experiences' "
+                    "(NAME: {task: ner|classify|generate, data: {...}, head: NAME}), in the order they arrive")
+    try:
+        parts = strategies(cfg.continual.strategy)
+    except TunelabError as e:
+        raise _fail(sources, "continual.strategy", str(e).removeprefix("config key 'continual.strategy': ")
+                    if "continual.strategy" in sources else str(e)) from None
+    kinds = {}
+    for name, spec in cfg.experiences.items():
+        key = f"experiences.{name}"
+        if spec.data.dataset is None and spec.data.train is None:
+            raise _fail(sources, key, f"config: set {key}.data.dataset (a built-in set) or {key}.data.train (a file)")
+        head = spec.head or name
+        if kinds.setdefault(head, spec.task) != spec.task:
+            raise _fail(sources, f"{key}.head", f"config key '{key}.head': head {head!r} is a {kinds[head]} head; "
+                        f"a {spec.task} experience needs a head of its own")
+        if "adapters" in parts and head != name:
+            raise _fail(sources, f"{key}.head", f"config key '{key}.head': continual.strategy=adapters isolates one "
+                        f"adapter per head, and {name} shares head {head!r}; use ewc, replay or lwf for experiences "
+                        "that share a head")
+    wanted = "lora" if "adapters" in parts else "full"
+    if cfg.tune.method != wanted:
+        raise _fail(sources, "tune.method", f"config key 'tune.method': continual.strategy={cfg.continual.strategy} "
+                    f"trains with tune.method={wanted}" + (" (one LoRA adapter per experience, the backbone frozen)"
+                                                            if wanted == "lora" else
+                                                            "; per-experience adapters are continual.strategy=adapters"))
+    if cfg.tune.merge:
+        raise _fail(sources, "tune.merge", "config key 'tune.merge': a continual folder keeps one adapter per "
+                    "experience; `tunelab export DIR --task NAME OUT` writes one merged into a plain model")
 
 
 def _validate_rl(cfg: RunConfig, sources: dict):

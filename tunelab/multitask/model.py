@@ -37,10 +37,13 @@ class MultiTaskModel(torch.nn.Module):
         return self.heads[task]
 
 
-def build(path, tasks: dict, dropout=None, pretrained=True, trust_remote_code=False, pad_id=None) -> MultiTaskModel:
+def build(path, tasks: dict, dropout=None, pretrained=True, trust_remote_code=False, pad_id=None,
+          backbone_kind: str | None = None) -> MultiTaskModel:
     """`tasks`: name -> (kind, labels). Pretrained: the backbone's weights from `path` (heads new); else the
     architecture only, for loading a saved multi-task folder. `pad_id`: the tokenizer's, for configs that
-    lack one (a decoder's sequence classifier finds each text's last token by it)."""
+    lack one (a decoder's sequence classifier finds each text's last token by it). `backbone_kind`: build the
+    shared backbone as this task kind's model has it even if no head is of that kind yet (a continual run
+    whose later experiences add such heads: BERT's pooler, which a sequence classifier needs)."""
     from transformers import AutoConfig
 
     from tunelab.models import load_model, quiet_transformers, set_dropout
@@ -58,9 +61,13 @@ def build(path, tasks: dict, dropout=None, pretrained=True, trust_remote_code=Fa
     # Which task model donates its backbone (Task.donor_rank): a causal LM's head is tied to the backbone's
     # embeddings, and a sequence classifier's backbone may carry a pooler that a token classifier's lacks (BERT).
     order = sorted(tasks, key=lambda n: task_type(tasks[n][0]).donor_rank)
+    specs = dict(tasks)
+    if backbone_kind is not None and task_type(backbone_kind).donor_rank < task_type(tasks[order[0]][0]).donor_rank:
+        order.insert(0, " donor")  # a model of that kind lends its backbone and is then dropped
+        specs[" donor"] = (backbone_kind, ["a", "b"] if task_type(backbone_kind).new_head else [])
     heads = {}
     for name in order:
-        kind, labels = tasks[name]
+        kind, labels = specs[name]
         if pretrained:
             m = load_model(path, kind, labels, dropout, trust_remote_code)
         else:
@@ -196,7 +203,7 @@ def load(folder, meta: dict) -> MultiTaskModel:
     folder = Path(folder)
     require_weights(folder)
     specs = {n: (t["task"], t["labels"]) for n, t in meta["tasks"].items()}
-    model = build(folder, specs, pretrained=False)
+    model = build(folder, specs, pretrained=False, backbone_kind=meta.get("backbone_kind"))
     if meta.get("adapters"):
         a = meta["adapters"]
         add_adapters(model, list(specs), a["r"], a["alpha"], 0.0, a["target_modules"])
