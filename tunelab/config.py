@@ -463,7 +463,9 @@ def _validate_continual(cfg: RunConfig, sources: dict):
     except TunelabError as e:
         raise _fail(sources, "continual.strategy", str(e).removeprefix("config key 'continual.strategy': ")
                     if "continual.strategy" in sources else str(e)) from None
-    kinds = {}
+    kinds, users = {}, {}
+    for name, spec in cfg.experiences.items():
+        users.setdefault(spec.head or name, []).append(name)
     for name, spec in cfg.experiences.items():
         key = f"experiences.{name}"
         if spec.data.dataset is None and spec.data.train is None:
@@ -472,10 +474,10 @@ def _validate_continual(cfg: RunConfig, sources: dict):
         if kinds.setdefault(head, spec.task) != spec.task:
             raise _fail(sources, f"{key}.head", f"config key '{key}.head': head {head!r} is a {kinds[head]} head; "
                         f"a {spec.task} experience needs a head of its own")
-        if "adapters" in parts and head != name:
+        if "adapters" in parts and len(users[head]) > 1:
             raise _fail(sources, f"{key}.head", f"config key '{key}.head': continual.strategy=adapters isolates one "
-                        f"adapter per head, and {name} shares head {head!r}; use ewc, replay or lwf for experiences "
-                        "that share a head")
+                        f"adapter per head, and {' and '.join(users[head])} share head {head!r}; give each its own "
+                        "head, or use ewc, replay or lwf for experiences that share a head")
     wanted = "lora" if "adapters" in parts else "full"
     if cfg.tune.method != wanted:
         raise _fail(sources, "tune.method", f"config key 'tune.method': continual.strategy={cfg.continual.strategy} "

@@ -27,8 +27,12 @@ def _state_file(folder: Path) -> Path | None:
     return None
 
 
+CONTINUAL_STATE = "continual.json"  # a continual run's progress (tunelab.continual.train.STATE)
+
+
 def is_run(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() and ((folder / "report.json").is_file() or _state_file(folder) is not None)
+    return (folder / "config.yaml").is_file() and ((folder / "report.json").is_file() or _state_file(folder) is not None
+                                                   or (folder / CONTINUAL_STATE).is_file())
 
 
 def find_runs(root) -> list[Path]:
@@ -55,7 +59,8 @@ def load_run(folder) -> dict:
                            f"checkpoint of an unfinished run){hint}")
     config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
     report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else None
-    state = report if report is not None else json.loads(_state_file(folder).read_text())
+    unfinished = _state_file(folder) or folder / CONTINUAL_STATE
+    state = report if report is not None else json.loads(unfinished.read_text())
     return {"path": folder, "config": config, "report": report, "state": state}
 
 
@@ -124,6 +129,15 @@ def summary(run: dict) -> dict:
         evals = state.get("evals") or [{}]
         dev_main, test = (report["after"] if report else evals[-1]).get("reward"), None
         lr, epochs = _get(cfg, "rl.lr"), None
+    if cfg.get("task") == "continual":  # "test": the accuracy matrix's summary (after every experience)
+        n = len(cfg.get("experiences") or {})
+        dev_main, test = None, {k: v for k, v in (report or {}).get("summary", {}).items() if v is not None} or None
+        return {"run": str(run["path"]), "status": "finished" if report else
+                f"unfinished (experience {state.get('done', 0)}/{n})", "task": "continual",
+                "model": _get(cfg, "model.name"), "method": f"{_get(cfg, 'tune.method')} {_get(cfg, 'continual.strategy')}",
+                "lr": lr, "epochs": epochs, "seed": _get(cfg, "train.seed"),
+                "steps": sum(p["steps"] for p in state.get("phases", [])), "best_step": None, "dev": dev_main,
+                "test": test}
     steps, total = state.get("step", state.get("steps")), report.get("total_steps") if report else None
     return {"run": str(run["path"]), "status": "finished" if report else f"unfinished (step {steps})",
             "task": cfg.get("task"), "model": _get(cfg, "model.name"), "method": _get(cfg, "tune.method"),

@@ -95,14 +95,19 @@ class EWC:
                 continue
             p = params[n]
             a = anchor[n].to(p.device)
-            f = f.to(p.device)
-            region = tuple(slice(0, s) for s in a.shape)
-            self.parts.append((p, region, f[region], a))
+            f = f[tuple(slice(0, s) for s in a.shape)].to(p.device)
+            rows = None
+            if f.dim() == 2:  # an embedding table: only the rows of tokens the Fisher sample saw carry information
+                seen = f.any(1).nonzero().flatten()
+                if len(seen) < 0.5 * f.shape[0]:
+                    rows, f, a = seen, f[seen], a[seen]
+            self.parts.append((p, a.shape[0] if rows is None else None, rows, f, a.float()))
 
     def __call__(self, mb=None) -> torch.Tensor:
         total = None
-        for p, region, f, a in self.parts:
-            value = (f * (p[region].float() - a.float()) ** 2).sum()
+        for p, n_rows, rows, f, a in self.parts:
+            here = p.index_select(0, rows) if rows is not None else p[:n_rows] if n_rows != p.shape[0] else p
+            value = (f * (here.float() - a) ** 2).sum()
             total = value if total is None else total + value
         if total is None:
             return torch.zeros(())

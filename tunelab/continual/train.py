@@ -137,6 +137,8 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
                   f"reference {n}")
             state["reference"][j] = evaluate(model, {head_of[n]: own[n]}, j)["score"]
             shutil.rmtree(where, ignore_errors=True)
+            if not any(where.parent.iterdir()):
+                where.parent.rmdir()
             atomic_write_json(out / STATE, state)
 
     if parts == ["joint"]:
