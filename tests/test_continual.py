@@ -334,3 +334,17 @@ def test_bad_continual_configs(tmp_path, conll_dir, cls_dir, tiny_model_dir):
         import importlib
 
         importlib.import_module("tunelab.continual.train").train(cfg(**{"experiences.org.data.only_labels": "[ORGS]"}))
+
+
+def test_a_head_exports_as_a_plain_transformers_model(cl_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    from tunelab.cli import main
+
+    out, r = cl_run
+    assert main(["export", str(out), "--task", "ner", str(tmp_path / "ner")]) == 0
+    ner = AutoModelForTokenClassification.from_pretrained(str(tmp_path / "ner"))
+    assert list(ner.config.id2label.values()) == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER", "B-ORG", "I-ORG"]
+    assert main(["export", str(out / "experiences" / "01-topic"), "--task", "topic", str(tmp_path / "topic")]) == 0
+    topic = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "topic"))
+    assert topic.config.num_labels == 3
