@@ -199,7 +199,7 @@ def test_declared_checks_are_enforced(key, f):
         assert msg.startswith(f"override '{key}={value}': config key {key!r}: "), msg
         assert ("is not one of" if "choices" in f.metadata else "is out of range") in msg, msg
     for value in inside(f):
-        if key == "task" and value in ("multitask", "rl"):
+        if key == "task" and value in ("multitask", "rl", "continual"):
             continue  # these need sections of their own (checked elsewhere)
         load_config(None, base + [f"{key}={value}"])
 
@@ -272,7 +272,7 @@ def test_multitask_samplings_are_one_list():
 
 
 def test_task_lists():
-    assert choices(config.RunConfig, "task") == config.TASKS + ("multitask", "rl")
+    assert choices(config.RunConfig, "task") == config.TASKS + ("multitask", "rl", "continual")
     assert choices(config.TaskSpec, "task") is config.TASKS
 
 

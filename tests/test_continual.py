@@ -328,6 +328,9 @@ def test_bad_continual_configs(tmp_path, conll_dir, cls_dir, tiny_model_dir):
         cfg(**{"tune.method": "lora"})
     with pytest.raises(TunelabError, match="is a ner head"):
         cfg(**{"experiences.topic.head": "ner"})
+    with pytest.raises(TunelabError, match="'experiences' is for task: continual"):
+        load_config(None, ["task=ner", f"data.train={conll_dir / 'train.conll'}",
+                           f"experiences.a.data.train={conll_dir / 'train.conll'}"])
     with pytest.raises(TunelabError, match="at least two"):
         load_config(None, ["task=continual", f"experiences.a.data.train={conll_dir / 'train.conll'}"])
     with pytest.raises(TunelabError, match="experiences.org: data.only_labels"):

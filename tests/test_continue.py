@@ -10,7 +10,6 @@ import torch
 from conftest import ner_overrides
 from tunelab.config import load_config
 from tunelab.data import load_splits
-from tunelab.data.conll import read_conll
 from tunelab.errors import TunelabError
 from tunelab.models import load_model, load_tokenizer, widen_head
 from tunelab.train import train

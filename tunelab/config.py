@@ -401,6 +401,9 @@ def _validate(cfg: RunConfig, sources: dict):
         raise _fail(sources, "tune.merge", "config key 'tune.merge': only lora and ia3 adapters merge into the "
                     f"weights, not tune.method={cfg.tune.method} (its saved model is already complete or cannot "
                     "merge)")
+    if cfg.experiences and cfg.task != "continual":
+        raise _fail(sources, "experiences", "config key 'experiences' is for task: continual; set task=continual "
+                    "or remove 'experiences'")
     if cfg.task == "multitask":
         _validate_multitask(cfg, sources)
     elif cfg.task == "rl":

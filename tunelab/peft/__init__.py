@@ -57,40 +57,6 @@ def apply(model, tune, task: str, model_path=None):
     return model
 
 
-def continue_adapter(folder, meta: dict, task: str, labels: list[str], tune, dropout=None):
-    """The model to train when model.name is a tunelab adapter folder (continued training on new data):
-    its base model with the adapter loaded trainable. tune.method the folder's own: the same adapter trains on
-    (its labels must be the data's: a head inside an adapter is not widened). tune.method=full: the adapter
-    is merged into the base, the head widened for new labels, and the whole model trains. Returns
-    (model, already_tuned): the first case is ready as it is; the second still goes through `apply`."""
-    from peft import PeftModel
-
-    from tunelab.models import load_model, resolve_model_path, widen_head
-
-    if meta.get("task") != task:
-        raise TunelabError(f"model.name={folder} is an adapter for task {meta.get('task')}, not {task}")
-    same = tune.method == meta.get("tune")
-    if not same and tune.method != "full":
-        raise TunelabError(f"model.name={folder} is a {meta.get('tune')} adapter: continue it with "
-                           f"tune.method={meta.get('tune')}, or merge it and train the whole model with "
-                           "tune.method=full")
-    saved = list(meta.get("labels") or [])
-    if same and saved and list(labels) != saved:
-        raise TunelabError(f"model.name={folder}: the data adds labels ({', '.join(x for x in labels if x not in saved)}) "
-                           "to the adapter's; an adapter's head is not widened: train with tune.method=full (the "
-                           "adapter is merged and the head widened), or keep to the adapter's labels")
-    base = load_model(resolve_model_path(meta["base_model"]), task, saved or labels, dropout)
-    model = PeftModel.from_pretrained(base, str(folder), is_trainable=same)
-    if same:
-        if tune.method == "lora":
-            keep_input_dtype(model)
-        return model, True
-    merged = model.merge_and_unload()
-    if saved and list(labels) != saved:
-        widen_head(merged, task, labels)
-    return merged, False
-
-
 def _with_adapter(model, tune, task, heads, model_path):
     import peft
 

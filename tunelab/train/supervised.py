@@ -18,7 +18,7 @@ from tunelab import peft as tuning
 from tunelab import progress, track
 from tunelab.data import Splits, check_labels, load_splits
 from tunelab.data.batching import collate, epoch_batches
-from tunelab.models import check_coverage, head_labels, load_model, load_tokenizer, resolve_model_path
+from tunelab.models import check_coverage, continue_adapter, head_labels, load_model, load_tokenizer, resolve_model_path
 from tunelab.robust import augmenter_from_config, step_from_config
 from tunelab.tasks import task_type
 from tunelab.train import checkpoint, run
@@ -65,7 +65,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     # Model: pretrained backbone + fresh head whose id2label is our label list; the task that feeds it.
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     if saved and saved.get("adapter"):  # an adapter folder: its base with the adapter, trained on (or merged)
-        model, tuned = tuning.continue_adapter(path, saved, cfg.task, labels, cfg.tune, cfg.model.dropout)
+        model, tuned = continue_adapter(path, saved, cfg.task, labels, cfg.tune, cfg.model.dropout)
     else:
         model, tuned = load_model(path, cfg.task, labels, cfg.model.dropout, cfg.model.trust_remote_code), False
     heads = tuning.head_names(tuning.base_of(model), cfg.task)
