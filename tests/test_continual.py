@@ -209,6 +209,10 @@ def test_sequence_report_matrix_and_folders(cl_run):
     assert r["summary"] == transfer(m, r["reference"]) and r["reference"][0] is None and r["reference"][2] is not None
     assert r["summary"]["forward_transfer"] is not None
     assert r["buffer_size"] == 16
+    kept = [json.loads(line) for line in (out / "experiences" / "02-org" / "replay.jsonl").read_text().splitlines()]
+    state = json.loads((out / "continual.json").read_text())["buffer"]
+    assert sorted([k["experience"], k["index"]] for k in kept) == sorted(state["items"]) and len(kept) == 16
+    assert {k["head"] for k in kept} <= {"ner", "topic"} and all("tags" in k["example"] or "label" in k["example"] for k in kept)
     for phase in r["phases"][1:]:  # every later experience trained with the EWC and LwF terms
         assert set(phase["terms"]) == {"term/ewc", "term/lwf"} and phase["terms"]["term/lwf"] >= 0
     assert "term/ewc" not in r["phases"][0]["terms"]
@@ -351,3 +355,24 @@ def test_a_head_exports_as_a_plain_transformers_model(cl_run, tmp_path):
     assert main(["export", str(out / "experiences" / "01-topic"), "--task", "topic", str(tmp_path / "topic")]) == 0
     topic = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "topic"))
     assert topic.config.num_labels == 3
+
+
+def test_domain_incremental_shares_a_head_without_widening(tmp_path, conll_dir, tiny_model_dir):
+    """The same labels on new data (two windows of one corpus) train one head on: nothing to widen, and
+    the second experience starts from the first's weights."""
+    import importlib
+
+    train = importlib.import_module("tunelab.continual.train").train
+    common = {"task": "ner", "head": "ner", "data.train": conll_dir / "train.conll", "data.dev": conll_dir / "dev.conll",
+              "data.test": conll_dir / "test.conll"}
+    over = [f"{k}={v}" for k, v in {"task": "continual", "output_dir": tmp_path / "d", "model.name": tiny_model_dir,
+                                      "train.epochs": 2, "train.batch_size": 4, "train.lr": 5e-3, "train.bf16": False,
+                                      "train.device": "cpu", "train.threads": 1}.items()]
+    for name, window in (("early", 0), ("late", 24)):
+        over += [f"experiences.{name}.{k}={v}" for k, v in common.items()]
+        over += [f"experiences.{name}.data.skip_train_examples={window}", f"experiences.{name}.data.max_train_examples=24"]
+    r = train(load_config(None, over))
+    metas = [json.loads((tmp_path / "d" / "experiences" / f).read_text()) for f in ("00-early/tunelab.json", "01-late/tunelab.json")]
+    assert metas[0]["tasks"]["ner"]["labels"] == metas[1]["tasks"]["ner"]["labels"] == r["experiences"][1]["labels"]
+    assert r["experiences"][0]["sizes"]["train"] == r["experiences"][1]["sizes"]["train"] == 24
+    assert len(r["matrix"]) == 2 and r["matrix"][1][0] is not None

@@ -42,6 +42,7 @@ from tunelab.train.step import Step, mean_logs, micro_batch
 
 STATE = "continual.json"
 EWC_FILE = "ewc.safetensors"
+REPLAY_FILE = "replay.jsonl"
 
 
 def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
@@ -226,6 +227,8 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
                     save_ewc(out / EWC_FILE, fisher, {k: params[k].detach() for k in fisher}, i)
             if "replay" in parts and buffer.seen == sum(len(splits[names[j]].train) for j in range(i)):
                 buffer.add(n, len(splits[n].train))
+            if "replay" in parts:  # the buffer's examples themselves, beside the model that they protect
+                write_buffer(where / REPLAY_FILE, buffer, {m: splits[m].train for m in names[:i + 1]}, head_of, kind_of)
             state["buffer"], state["done"] = buffer.state_dict(), i + 1
             atomic_write_json(out / STATE, state)
 
@@ -432,6 +435,20 @@ def _copy_model(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.is_file() and f.name != run.META_FILE and not f.name.startswith("checkpoint"):
             shutil.copy2(f, dst / f.name)
+
+
+def write_buffer(path: Path, buffer: Reservoir, train: dict, head_of: dict, kind_of: dict) -> None:
+    """The replay buffer as JSONL records (experience, head, task and the example's fields), atomically."""
+    import dataclasses
+
+    from tunelab.io import atomic_write_text
+
+    lines = []
+    for name, i in sorted(buffer.items):
+        example = {k: v for k, v in dataclasses.asdict(train[name][i]).items() if k not in ("source", "line", "meta")}
+        lines.append(json.dumps({"experience": name, "head": head_of[name], "task": kind_of[name], "index": i,
+                                 "example": example}, ensure_ascii=False))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def save_ewc(path: Path, fisher: dict, anchor: dict, through: int) -> None:
