@@ -143,19 +143,26 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
             atomic_write_json(out / STATE, state)
 
     if parts == ["joint"]:
-        final = labels_at[-1]
-        model = build_fresh({h: (kind_of[first_with[h]], lab) for h, lab in final.items()}, tc.seed).to(device)
-        streams, dev = {}, {}
-        for n in names:
-            task = make_task(n, final[head_of[n]])
-            streams[n] = (head_of[n], task, task.encode(splits[n].train, training=True))
-            dev[n] = (head_of[n], task, make_task(n, own[n]), splits[n].dev)
-        where = phase_dir(0, "joint")
-        phase = learn(model, streams, _dev(dev), Step(), cfg, where, resume, dist, "joint")
-        save(where, model, final, "joint")
-        row = [evaluate(model, final, j) for j in range(len(names))]
-        state["matrix"], state["metrics"] = [[r["score"] for r in row]], [[r["metrics"] for r in row]]
-        state["phases"], state["done"] = [phase_summary(phase, "joint")], len(names)
+        final, where, model = labels_at[-1], phase_dir(0, "joint"), None
+        if state["done"] < len(names):
+            if (where / run.META_FILE).is_file() and checkpoint.find(where) is None:  # trained before a kill
+                model = mtm.load(where, run.read_meta(where)).to(device)
+            else:
+                model = build_fresh({h: (kind_of[first_with[h]], lab) for h, lab in final.items()}, tc.seed).to(device)
+                streams, dev = {}, {}
+                for n in names:
+                    task = make_task(n, final[head_of[n]])
+                    streams[n] = (head_of[n], task, task.encode(splits[n].train, training=True))
+                    dev[n] = (head_of[n], task, make_task(n, own[n]), splits[n].dev)
+                phase = learn(model, streams, _dev(dev), Step(), cfg, where, resume, dist, "joint")
+                save(where, model, final, "joint")
+                run.clean_up(where)
+                state["phases"] = [phase_summary(phase, "joint")]
+                atomic_write_json(out / STATE, state)
+            row = [evaluate(model, final, j) for j in range(len(names))]
+            state["matrix"], state["metrics"] = [[r["score"] for r in row]], [[r["metrics"] for r in row]]
+            state["done"] = len(names)
+            atomic_write_json(out / STATE, state)
     else:
         model = None
         for i in range(state["done"], len(names)):
