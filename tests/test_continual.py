@@ -376,3 +376,34 @@ def test_domain_incremental_shares_a_head_without_widening(tmp_path, conll_dir, 
     assert metas[0]["tasks"]["ner"]["labels"] == metas[1]["tasks"]["ner"]["labels"] == r["experiences"][1]["labels"]
     assert r["experiences"][0]["sizes"]["train"] == r["experiences"][1]["sizes"]["train"] == 24
     assert len(r["matrix"]) == 2 and r["matrix"][1][0] is not None
+
+
+def test_pseudo_labels_fill_in_only_the_unannotated_words():
+    from tunelab.data.examples import Sentence
+    from tunelab.tasks.ner import NerTask
+
+    s = Sentence("Angela Merkel met Siemens in Berlin today".split(), ["O", "O", "O", "B-ORG", "O", "O", "O"])
+    pred = (["B-PER", "I-PER", "O", "B-LOC", "O", "B-LOC", "O"], None)  # the old tagger: PER, LOC (wrong on Siemens)
+    (merged,) = NerTask.merge_predictions([s], [pred])
+    assert merged.tags == ["B-PER", "I-PER", "O", "B-ORG", "O", "B-LOC", "O"]  # the annotation wins on Siemens
+    cut = Sentence(["a", "b", "c"], ["O", "B-ORG", "O"])
+    (m2,) = NerTask.merge_predictions([cut], [(["B-PER", "I-PER", "I-PER"], None)])
+    assert m2.tags == ["B-PER", "B-ORG", "B-PER"]  # valid IOB2 around the annotated entity
+    untouched = Sentence(["x"], ["O"])
+    assert NerTask.merge_predictions([untouched], [(["O"], None)])[0] is untouched
+
+
+def test_pseudo_strategy_trains_on_the_filled_in_labels(tmp_path, conll_dir, cls_dir, tiny_model_dir, capsys):
+    import importlib
+    import re
+
+    train = importlib.import_module("tunelab.continual.train").train
+    over = [o for o in continual_overrides(conll_dir, cls_dir, tiny_model_dir, tmp_path / "p",
+                                           **{"continual.strategy": "pseudo"}) if not o.startswith("experiences.topic")]
+    r = train(load_config(None, over))
+    filled = re.search(r"org: the previous model's labels filled in (\d+) of 48", capsys.readouterr().err)
+    assert filled and int(filled.group(1)) > 10  # the PER/LOC tagger found its entities in the ORG-only data
+    assert r["matrix"][1][0] > 0.5  # and so the tagger kept them
+    with pytest.raises(TunelabError, match="no two experiences here share a head"):
+        load_config(None, continual_overrides(conll_dir, cls_dir, tiny_model_dir, tmp_path / "x", **{
+            "continual.strategy": "pseudo", "experiences.org.head": "org"}))

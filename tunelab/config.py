@@ -31,7 +31,7 @@ METHODS = ("full", *ADAPTERS, "bitfit", "head")
 MULTITASK_METHODS = ("full", "lora", "bitfit", "head")  # lora: one adapter per task on the shared backbone
 RL_METHODS = ("full", "lora")  # lora: the reference is the same weights with the adapter off
 # continual.strategy: naive, joint, or these joined by "+" (replay+lwf); tunelab.continual acts on each
-CONTINUAL = ("ewc", "replay", "lwf", "adapters")
+CONTINUAL = ("ewc", "replay", "lwf", "pseudo", "adapters")
 ESTIMATORS = ("reinforce", "rloo", "self_critical", "ppo")
 SAMPLINGS = ("proportional", "temperature", "round_robin", "annealed")
 WEIGHTINGS = ("fixed", "uncertainty", "pcgrad")
@@ -156,7 +156,7 @@ class ExperienceSpec:
 @dataclass
 class ContinualConfig:
     """task: continual (tunelab.continual)."""
-    strategy: str = "naive"  # naive | joint | ewc, replay, lwf, adapters, or several joined by "+" (replay+lwf)
+    strategy: str = "naive"  # naive | joint | ewc, replay, lwf, pseudo, adapters, or several joined by "+" (replay+lwf)
     ewc_lambda: float = ranged(1.0e4, ge=0)  # EWC: weight of the penalty (lambda/2) sum F (theta - theta*)^2
     ewc_decay: float = ranged(1.0, gt=0, le=1)  # online EWC: older experiences' Fisher is multiplied by it
     fisher_samples: int = ranged(512, gt=0)  # EWC: training examples per experience the Fisher is estimated on
@@ -481,6 +481,10 @@ def _validate_continual(cfg: RunConfig, sources: dict):
             raise _fail(sources, f"{key}.head", f"config key '{key}.head': continual.strategy=adapters isolates one "
                         f"adapter per head, and {' and '.join(users[head])} share head {head!r}; give each its own "
                         "head, or use ewc, replay or lwf for experiences that share a head")
+    if "pseudo" in parts and not any(len(users[h]) > 1 for h in users):
+        raise _fail(sources, "continual.strategy", "config key 'continual.strategy': pseudo fills in the labels a "
+                    "later experience of a shared head leaves out (class-incremental NER); no two experiences here "
+                    "share a head")
     wanted = "lora" if "adapters" in parts else "full"
     if cfg.tune.method != wanted:
         raise _fail(sources, "tune.method", f"config key 'tune.method': continual.strategy={cfg.continual.strategy} "

@@ -201,7 +201,11 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
                     terms.append(Distill(model, previous, distilled, cc.lwf_weight, cc.lwf_temperature, device,
                                          tc.bf16))
                 task = make_task(n, labels_at[i][h])
-                streams = {n: (h, task, task.encode(splits[n].train, training=True))}
+                examples = splits[n].train
+                if "pseudo" in parts and i > 0 and h in labels_at[i - 1]:
+                    examples = pseudo_labelled(examples, phase_dir(i - 1, names[i - 1]), h,
+                                               make_task(n, labels_at[i - 1][h]), device, tc.bf16, n)
+                streams = {n: (h, task, task.encode(examples, training=True))}
                 if "replay" in parts:
                     for j in range(i):
                         kept = buffer.of(names[j])
@@ -315,6 +319,22 @@ def add_head(model, head: str, kind: str, labels: list[str], path, cfg, pad_id) 
     setattr(m, m.base_model_prefix, model.backbone)
     m.tie_weights()
     model.heads[head] = m
+
+
+def pseudo_labelled(examples: list, previous_folder: Path, head: str, old_task, device, bf16: bool, name: str) -> list:
+    """The experience's training examples with the labels they leave out filled in by the previous model
+    (head `head`, which knew the old labels): new data annotated for new entity types only marks the old
+    types as O, and training on that teaches the tagger to unlearn them (the task type merges:
+    Task.merge_predictions)."""
+    previous = mtm.load(previous_folder, run.read_meta(previous_folder)).to(device)
+    from tunelab.data.examples import unlabelled
+
+    predictions = old_task.predict(previous.use(head), [unlabelled(e) for e in examples], device, bf16,
+                                   desc=f"pseudo-labels {name}")
+    merged = type(old_task).merge_predictions(examples, predictions)
+    changed = sum(a != b for a, b in zip(examples, merged))
+    log(f"{name}: the previous model's labels filled in {changed} of {len(examples)} training examples")
+    return merged
 
 
 def score(model, head: str, task, scorer, examples: list, device, bf16: bool, dist, desc: str) -> dict:

@@ -33,3 +33,12 @@ class GenExample:
     target: str | None = None
     source: str = "<memory>"
     line: int | None = None
+
+
+def unlabelled(example):
+    """A copy of an example without its gold labels, as prediction input (labels a predicting model's label
+    list lacks would otherwise be refused by its encoder)."""
+    from dataclasses import replace
+
+    field = {Sentence: "tags", TextExample: "label", GenExample: "target"}[type(example)]
+    return replace(example, **{field: None})

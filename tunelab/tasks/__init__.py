@@ -64,6 +64,10 @@ class Task(Protocol):
         """The examples as data annotated for the `keep` labels only would be (data.only_labels)."""
 
     @staticmethod
+    def merge_predictions(examples: list, predictions: list) -> list:
+        """Examples whose unannotated parts take another model's predictions (continual pseudo-labels)."""
+
+    @staticmethod
     def restrict_predictions(predictions: list, labels: list[str]) -> list:
         """Predictions scored against data of `labels` only (continual learning's per-experience scores)."""
 

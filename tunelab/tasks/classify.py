@@ -127,6 +127,13 @@ class ClassifyTask:
         return [e for e in examples if e.label in keep]
 
     @staticmethod
+    def merge_predictions(examples: list, predictions: list) -> list:
+        from tunelab.errors import TunelabError
+
+        raise TunelabError("continual.strategy=pseudo fills in entity labels that an NER experience leaves out; "
+                           "a classification example has its one label and nothing to fill in")
+
+    @staticmethod
     def restrict_predictions(predictions: list, labels: list[str]) -> list:
         """As they are: a text of these classes predicted as another is wrong (class-incremental scoring)."""
         return predictions

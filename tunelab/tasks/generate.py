@@ -213,6 +213,13 @@ class GenerateTask:
         return examples
 
     @staticmethod
+    def merge_predictions(examples: list, predictions: list) -> list:
+        from tunelab.errors import TunelabError
+
+        raise TunelabError("continual.strategy=pseudo fills in entity labels that an NER experience leaves out; "
+                           "a generation example has a reference and nothing to fill in")
+
+    @staticmethod
     def restrict_predictions(predictions: list, labels: list[str]) -> list:
         return predictions
 

@@ -242,6 +242,21 @@ class NerTask:
         return [replace(s, tags=_only_types(s.tags, set(keep))) if s.tags else s for s in examples]
 
     @staticmethod
+    def merge_predictions(examples: list, predictions: list) -> list:
+        """Sentences whose O words take a predicted entity's tag (pseudo-labels from a model that knows other
+        entity types than these annotations do); the annotated entities win where the two overlap."""
+        from dataclasses import replace
+
+        from tunelab.data.tags import repair_iob2
+
+        out = []
+        for s, (tags, _) in zip(examples, predictions):
+            # (a predicted entity cut by an annotated one keeps its part before; its part after starts anew)
+            merged = repair_iob2([g if g != "O" else p for g, p in zip(s.tags, tags)])
+            out.append(replace(s, tags=merged) if merged != s.tags else s)
+        return out
+
+    @staticmethod
     def restrict_predictions(predictions: list, labels: list[str]) -> list:
         """Predictions as a tagger of `labels` only would make them: entities of other types become O."""
         types = {t[2:] for t in labels if t != "O"}
