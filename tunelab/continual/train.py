@@ -25,6 +25,7 @@ import torch
 
 from tunelab import config as config_mod
 from tunelab import distributed, progress, track
+from tunelab import peft as tuning
 from tunelab.continual.metrics import transfer
 from tunelab.continual.strategies import EWC, Distill, Reservoir, accumulate_fisher, fisher_diagonal
 from tunelab.data import check_labels, load_splits
@@ -249,7 +250,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
         model = mtm.load(last, run.read_meta(last))
     meta = run.read_meta(last)
     run.publish(out, lambda folder: _copy_model(last, folder), {k: v for k, v in meta.items()})
-    trainable, n_params = _count(model)
+    trainable, n_params = tuning.count(model)
     report = {
         "task": "continual", "model": str(cfg.model.name), "strategy": cc.strategy, "seed": tc.seed,
         "settings": config_mod.to_dict(cfg)["continual"],
@@ -293,17 +294,6 @@ def _adapters(model) -> set:
         if isinstance(m, BaseTunerLayer):
             return set(m.lora_A.keys()) if hasattr(m, "lora_A") else set()
     return set()
-
-
-def _count(model) -> tuple[int, int]:
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
 
 
 def add_head(model, head: str, kind: str, labels: list[str], path, cfg, pad_id) -> None:
