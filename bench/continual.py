@@ -77,22 +77,25 @@ def _ms(values) -> str:
 def table(rows: list[dict], sequence: str) -> str:
     rows = [r for r in rows if r["sequence"] == sequence]
     naive = {r["seed"]: r for r in rows if r["strategy"] == "naive"}
-    base_wall = statistics.mean([r["train_seconds"] for r in naive.values()]) if naive else None
+    base_train = statistics.mean([r["train_seconds"] for r in naive.values()]) if naive else None
+    base_wall = statistics.mean([r["wall_seconds"] for r in naive.values()]) if naive else None
     lines = ["| strategy | seeds | final average | forgetting | backward transfer | newest | forgetting vs naive "
-             "(paired) | newest vs naive (paired) | train s (× naive) | peak RSS MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "(paired) | newest vs naive (paired) | train s (× naive) | wall s (× naive) | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in dict.fromkeys(r["strategy"] for r in rows):
         mine = [r for r in rows if r["strategy"] == s]
         paired_f = [r["forgetting"] - naive[r["seed"]]["forgetting"] for r in mine
                     if r["seed"] in naive and r["forgetting"] is not None]
         paired_n = [r["newest"] - naive[r["seed"]]["newest"] for r in mine if r["seed"] in naive]
         train_s = statistics.mean(r["train_seconds"] for r in mine)
+        wall_s = statistics.mean(r["wall_seconds"] for r in mine)
         lines.append(
             f"| {s} | {','.join(str(r['seed']) for r in mine)} | {_ms(r['average'] for r in mine)} | "
             f"{_ms(r['forgetting'] for r in mine)} | {_ms(r['backward_transfer'] for r in mine)} | "
             f"{_ms(r['newest'] for r in mine)} | {_ms(paired_f) if s != 'naive' else '–'} | "
             f"{_ms(paired_n) if s != 'naive' else '–'} | {train_s:.0f}"
-            f"{f' ({train_s / base_wall:.2f}×)' if base_wall else ''} | "
+            f"{f' ({train_s / base_train:.2f}×)' if base_train else ''} | {wall_s:.0f}"
+            f"{f' ({wall_s / base_wall:.2f}×)' if base_wall else ''} | "
             f"{statistics.mean(r['peak_memory_mb'] or 0 for r in mine):.0f} |")
     return "\n".join(lines)
 
