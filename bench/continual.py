@@ -7,7 +7,8 @@
 
 Every run is `tunelab train RECIPE` with the same budget (the recipe's experiences, epochs, batch size, lr,
 bf16, threads) and seed, in its own process, one after the other; only continual.* differs (and, for
-`adapters`, the LoRA learning rate --adapter-lr). Reported per strategy, mean ± std over the seeds: the
+`adapters`, LoRA r 16, alpha 64 on query/key/value/dense at lr --adapter-lr: the settings `tunelab search`
+found on CoNLL-2003 dev, docs/benchmarks.md). Reported per strategy, mean ± std over the seeds: the
 final average score, forgetting (the drop of each earlier experience from its best), backward transfer,
 the newest experience's score, training and wall seconds and peak memory (the process's RSS), and each
 seed's forgetting and newest-experience change against naive's (paired).
@@ -45,8 +46,9 @@ def overrides_of(strategy: str, args) -> list[str]:
     out = [f"continual.strategy={name}"]
     if lam:
         out.append(f"continual.ewc_lambda={float(lam)}")
-    if "adapters" in name.split("+"):
-        out += ["tune.method=lora", f"train.lr={args.adapter_lr}"]
+    if "adapters" in name.split("+"):  # the LoRA settings tunelab search found on CoNLL-2003 dev
+        out += ["tune.method=lora", f"train.lr={args.adapter_lr}", "tune.lora_r=16", "tune.lora_alpha=64",
+                "tune.target_modules=[query,key,value,dense]"]
     return out
 
 
@@ -106,7 +108,7 @@ def main() -> None:
     ap.add_argument("--strategies", default="naive,ewc,replay,lwf,replay+lwf,joint")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--adapter-lr", type=float, default=5e-4, help="train.lr of the adapters strategy (LoRA)")
+    ap.add_argument("--adapter-lr", type=float, default=1.33e-3, help="train.lr of the adapters strategy (LoRA)")
     ap.add_argument("--eval-split", choices=["test", "dev"], default="test")
     ap.add_argument("--max-train", type=int, default=None, help="smoke tests: training examples per experience")
     ap.add_argument("--out", type=Path, default=None)
