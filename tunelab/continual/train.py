@@ -193,9 +193,11 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
                 if "ewc" in parts and i > 0:
                     fisher, anchor, _ = load_ewc(out / EWC_FILE)
                     terms.append(EWC(model, fisher, anchor, cc.ewc_lambda))
-                if "lwf" in parts and i > 0:
+                previous = None
+                if i > 0 and ("lwf" in parts or "pseudo" in parts):  # the model after the previous experience
                     prev = phase_dir(i - 1, names[i - 1])
                     previous = mtm.load(prev, run.read_meta(prev)).to(device)
+                if "lwf" in parts and previous is not None:
                     kinds = {k: task_type(kind_of[first_with[k]]) for k in previous.heads}
                     distilled = {k: (m.config.num_labels if kinds[k].new_head else None, kinds[k].token_level)
                                  for k, m in previous.heads.items()}  # (None: every column, a generator's vocabulary)
@@ -204,8 +206,8 @@ def train(cfg, resume: bool = False, overwrite: bool = False) -> dict:
                 task = make_task(n, labels_at[i][h])
                 examples = splits[n].train
                 if "pseudo" in parts and i > 0 and h in labels_at[i - 1]:
-                    examples = pseudo_labelled(examples, phase_dir(i - 1, names[i - 1]), h,
-                                               make_task(n, labels_at[i - 1][h]), device, tc.bf16, n)
+                    examples = pseudo_labelled(examples, previous, h, make_task(n, labels_at[i - 1][h]), device,
+                                               tc.bf16, n)
                 streams = {n: (h, task, task.encode(examples, training=True))}
                 if "replay" in parts:
                     for j in range(i):
@@ -311,12 +313,11 @@ def add_head(model, head: str, kind: str, labels: list[str], path, cfg, pad_id) 
     model.heads[head] = m
 
 
-def pseudo_labelled(examples: list, previous_folder: Path, head: str, old_task, device, bf16: bool, name: str) -> list:
-    """The experience's training examples with the labels they leave out filled in by the previous model
-    (head `head`, which knew the old labels): new data annotated for new entity types only marks the old
-    types as O, and training on that teaches the tagger to unlearn them (the task type merges:
-    Task.merge_predictions)."""
-    previous = mtm.load(previous_folder, run.read_meta(previous_folder)).to(device)
+def pseudo_labelled(examples: list, previous, head: str, old_task, device, bf16: bool, name: str) -> list:
+    """The experience's training examples with the labels they leave out filled in by `previous`, the model
+    after the previous experience (head `head`, which knew the old labels): new data annotated for new entity
+    types only marks the old types as O, and training on that teaches the tagger to unlearn them (the task
+    type merges: Task.merge_predictions)."""
     from tunelab.data.examples import unlabelled
 
     predictions = old_task.predict(previous.use(head), [unlabelled(e) for e in examples], device, bf16,

@@ -140,7 +140,7 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     kind = task_type(task)
-    saved_labels = [config.id2label[i] for i in sorted(config.id2label)] if _has_label_head(config) else None
+    saved_labels = _labels(config) if _has_label_head(config) else None
     widen = kind.new_head and saved_labels is not None and len(labels) > len(saved_labels) and \
         list(labels[:len(saved_labels)]) == saved_labels
     kind.configure(config, saved_labels if widen else labels)
@@ -190,6 +190,10 @@ def head_labels(path, task: str) -> list[str] | None:
     suffix = "For" + "".join(w.capitalize() for w in kind.head.split("-"))  # ForTokenClassification
     if not kind.new_head or not any(a.endswith(suffix) for a in (config.architectures or [])):
         return None
+    return _labels(config)
+
+
+def _labels(config) -> list[str]:
     return [config.id2label[i] for i in sorted(config.id2label)]
 
 

@@ -7,8 +7,8 @@ usually plain); how many were cut is reported, never hidden.
 import numpy as np
 
 from tunelab.data.examples import TextExample
-from tunelab.tasks.common import (as_is, evaluate_by_predictions, main_score, no_samples, pad_id, percent,
-                                  predict_by_logits, set_labels, special_tokens)
+from tunelab.tasks.common import (as_is, evaluate_by_predictions, main_score, no_samples, nothing_to_fill, pad_id,
+                                  percent, predict_by_logits, predictions_as_given, set_labels, special_tokens)
 
 
 class ClassifyTask:
@@ -112,13 +112,9 @@ class ClassifyTask:
 
     @staticmethod
     def check_kept_labels(train: list, keep: list[str]) -> None:
-        from tunelab.errors import TunelabError
+        from tunelab.tasks.common import check_known
 
-        known = sorted({e.label for e in train})
-        unknown = [k for k in keep if k not in known]
-        if unknown:
-            raise TunelabError(f"data.only_labels: {', '.join(map(repr, unknown))} not among the training data's "
-                               f"labels ({', '.join(known)})")
+        check_known(keep, sorted({e.label for e in train}), "labels")
 
     @staticmethod
     def keep_labels(examples: list, keep: list[str]) -> list:
@@ -126,17 +122,8 @@ class ClassifyTask:
         keep = set(keep)
         return [e for e in examples if e.label in keep]
 
-    @staticmethod
-    def merge_predictions(examples: list, predictions: list) -> list:
-        from tunelab.errors import TunelabError
-
-        raise TunelabError("continual.strategy=pseudo fills in entity labels that an NER experience leaves out; "
-                           "a classification example has its one label and nothing to fill in")
-
-    @staticmethod
-    def restrict_predictions(predictions: list, labels: list[str]) -> list:
-        """As they are: a text of these classes predicted as another is wrong (class-incremental scoring)."""
-        return predictions
+    merge_predictions = staticmethod(nothing_to_fill)
+    restrict_predictions = staticmethod(predictions_as_given)
 
     @staticmethod
     def model_class(config):

@@ -90,3 +90,29 @@ def require_columns(ds, need: list[str]) -> None:
     missing = [c for c in need if c not in ds.column_names]
     if missing:
         raise TunelabError(f"dataset has columns {ds.column_names}; need {' and '.join(map(repr, need))}")
+
+
+# Continual learning's data hooks (tunelab.tasks.Task), where task types share them.
+
+def check_known(keep: list[str], known: list[str], what: str, hint: str = "") -> None:
+    """data.only_labels: every kept name is one of the training data's `known` labels (or entity types)."""
+    from tunelab.errors import TunelabError
+
+    unknown = [k for k in keep if k not in known]
+    if unknown:
+        raise TunelabError(f"data.only_labels: {', '.join(map(repr, unknown))} not among the training data's "
+                           f"{what} ({', '.join(known)}){hint}")
+
+
+def nothing_to_fill(examples: list, predictions: list) -> list:
+    """merge_predictions of a task whose examples leave no label out (one label, or a reference)."""
+    from tunelab.errors import TunelabError
+
+    raise TunelabError("continual.strategy=pseudo fills in the entity labels that an NER experience leaves out; "
+                       "this task's examples have nothing to fill in")
+
+
+def predictions_as_given(predictions: list, labels: list[str]) -> list:
+    """restrict_predictions of a task whose predictions need no restricting: a text of these classes
+    predicted as another is simply wrong (class-incremental scoring); a generated text has no labels."""
+    return predictions

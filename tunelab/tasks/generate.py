@@ -14,7 +14,7 @@ for fewer (`max_new_tokens`, e.g. per request in the server).
 import math
 
 from tunelab.data.examples import GenExample, TextExample
-from tunelab.tasks.common import special_tokens
+from tunelab.tasks.common import nothing_to_fill, predictions_as_given, special_tokens
 
 # torch (and what imports it) is imported where it is used: the task registry, and so config validation,
 # loads without it.
@@ -212,16 +212,8 @@ class GenerateTask:
     def keep_labels(examples: list, keep: list[str]) -> list:
         return examples
 
-    @staticmethod
-    def merge_predictions(examples: list, predictions: list) -> list:
-        from tunelab.errors import TunelabError
-
-        raise TunelabError("continual.strategy=pseudo fills in entity labels that an NER experience leaves out; "
-                           "a generation example has a reference and nothing to fill in")
-
-    @staticmethod
-    def restrict_predictions(predictions: list, labels: list[str]) -> list:
-        return predictions
+    merge_predictions = staticmethod(nothing_to_fill)
+    restrict_predictions = staticmethod(predictions_as_given)
 
     @staticmethod
     def model_class(config):

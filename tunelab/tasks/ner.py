@@ -226,12 +226,10 @@ class NerTask:
     def check_kept_labels(train: list, keep: list[str]) -> None:
         """data.only_labels names entity types (PER, not B-PER) that the training data has."""
         from tunelab.data.tags import entity_types, label_list
+        from tunelab.tasks.common import check_known
 
-        types = entity_types(label_list(s.tags for s in train if s.tags))
-        unknown = [k for k in keep if k not in types]
-        if unknown:
-            raise TunelabError(f"data.only_labels: {', '.join(map(repr, unknown))} not among the training data's "
-                               f"entity types ({', '.join(types)}); name entity types, not tags")
+        check_known(keep, entity_types(label_list(s.tags for s in train if s.tags)), "entity types",
+                    "; name entity types, not tags")
 
     @staticmethod
     def keep_labels(examples: list, keep: list[str]) -> list:
