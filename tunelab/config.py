@@ -77,6 +77,9 @@ class DataConfig:
     format: str | None = choice(None, DATA_FORMATS)  # from the file extension when unset
     text_field: str = "text"
     label_field: str = "label"
+    # text pairs (NLI, paraphrase, similarity; classify, regress, multilabel): the JSONL/CSV field of the second
+    # text, encoded as the tokenizer joins pairs ([CLS] a [SEP] b [SEP]); unset: single texts
+    text_pair_field: str | None = None
     tokens_field: str = "tokens"
     tags_field: str = "tags"
     prompt_field: str = "prompt"  # generation: JSONL/CSV field of the input

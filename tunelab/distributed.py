@@ -165,8 +165,9 @@ def describe_batch(batch_size: int, grad_accum: int, dist: Dist) -> str:
 
 def loss_units(feature: dict) -> int:
     """What a model's loss averages over in this feature: labelled tokens (token labels, -100 = none; a
-    causal LM's first label is always -100, so its shift changes nothing), or one row (a class label)."""
-    labels = feature["labels"]
+    causal LM's first label is always -100, so its shift changes nothing), or one row (a class label, a
+    score, a label vector, an answer span)."""
+    labels = feature.get("labels")  # (extractive QA's features have answer positions instead: one row)
     return sum(1 for t in labels if t != -100) if isinstance(labels, list) else 1
 
 

@@ -4,7 +4,7 @@ encoded features. Tasks build their predict/evaluate on these; nothing here know
 import torch
 
 from tunelab import progress
-from tunelab.data.batching import collate, eval_batches
+from tunelab.data.batching import collate, eval_batches, model_inputs
 from tunelab.runtime import autocast, eval_mode
 
 
@@ -22,15 +22,19 @@ def inference_batches(features: list[dict], batch_size: int, desc: str | None, d
 @torch.inference_mode()
 def feature_logits(model, features: list[dict], pad_id: int, device, bf16=False, batch_size=64,
                    desc: str | None = None, dist=None) -> list:
-    """Logits per feature, as float32 numpy: (seq, labels) trimmed to the feature's length, or (labels,).
+    """Logits per feature, as float32 numpy: (seq, labels) trimmed to the feature's length, or (labels,);
+    extractive QA: (seq, 2), the start and end logits.
     dist: computed across a distributed run's ranks and gathered, every feature's logits on every rank."""
     out = {}
     with eval_mode(model):
         for _, idx in inference_batches(features, batch_size, desc, dist):
             batch = collate([features[i] for i in idx], pad_id)
             with autocast(device, bf16):
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
+                output = model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
+            if "start_logits" in output:  # extractive QA: (seq, 2), start and end logits of each token
+                logits = torch.stack([output.start_logits, output.end_logits], dim=-1)
+            else:
+                logits = output.logits
             logits = logits.float().cpu().numpy()
             for row, i in enumerate(idx):
                 out[i] = logits[row, : len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row]

@@ -12,13 +12,13 @@ __all__ = ["Sentence", "TextExample", "GenExample", "Splits", "load_builtin", "r
 
 def read_file(path, task: str, fmt: str | None = None, labelled: bool = True, *, text_field="text",
               label_field="label", tokens_field="tokens", tags_field="tags", tag_column=-1, tag_scheme="iob2",
-              prompt_field="prompt", target_field="target") -> list:
+              prompt_field="prompt", target_field="target", text_pair_field=None) -> list:
     """Every example of a file for task kind `task` (ner -> Sentence, classify -> TextExample, generate ->
     GenExample), read at once; the first bad line is a TunelabError naming file:line. Which formats a kind
     reads, and with which reader: the task type's `reader` (tunelab.tasks)."""
     fmt = file_format(path, fmt)
     fields = Fields(text_field, label_field, tokens_field, tags_field, tag_column, tag_scheme, prompt_field,
-                    target_field)
+                    target_field, text_pair_field)
     return collect(open_reader(path, task, fmt, labelled, fields), path, NOUNS.get(fmt, "examples"))
 
 
@@ -31,9 +31,7 @@ def load_splits(data, task: str) -> Splits:
         if not isinstance(splits.train[0], task_type(task).example_type):
             raise TunelabError(f"data.dataset={data.dataset} is {task_of(splits.train[0]).noun} set, but task={task}")
     else:
-        kw = dict(text_field=data.text_field, label_field=data.label_field, tokens_field=data.tokens_field,
-                  tags_field=data.tags_field, tag_column=data.tag_column, tag_scheme=data.tag_scheme,
-                  prompt_field=data.prompt_field, target_field=data.target_field)
+        kw = vars(Fields.of(data))
         splits = Splits(*(read_file(p, task, data.format, **kw) if p else [] for p in (data.train, data.dev, data.test)),
                         {"files": {"train": data.train, "dev": data.dev, "test": data.test}})
     if data.skip_train_examples:

@@ -7,21 +7,42 @@ import torch
 
 
 def collate(features: list[dict], pad_id: int) -> dict:
-    """input_ids/attention_mask: (batch, longest); labels: (batch, longest label list) with -100 padding (as
-    long as the inputs, except an encoder-decoder's decoder labels), or (batch,)."""
+    """input_ids/attention_mask (and token_type_ids, where features have them: text pairs): (batch, longest).
+    labels, by what a feature's "labels" is: a list of ints, token labels -> (batch, longest label list) with
+    -100 padding (as long as the inputs, except an encoder-decoder's decoder labels); an int, a class ->
+    (batch,) long; a float, a regression target -> (batch,) float; a tuple of floats, a multi-hot label vector
+    -> (batch, labels) float. start_positions/end_positions (extractive QA): (batch,) long."""
     longest = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), longest), dtype=torch.long)
-    token_labels = isinstance(features[0]["labels"], list)
-    labels = torch.full((len(features), max(len(f["labels"]) for f in features)), -100, dtype=torch.long) \
-        if token_labels else torch.tensor([f["labels"] for f in features], dtype=torch.long)
+    types = torch.zeros((len(features), longest), dtype=torch.long) if "token_type_ids" in features[0] else None
+    batch = {"input_ids": ids, "attention_mask": mask}
     for i, f in enumerate(features):
         n = len(f["input_ids"])
         ids[i, :n] = torch.tensor(f["input_ids"])
         mask[i, :n] = 1
-        if token_labels:
+        if types is not None:
+            types[i, :n] = torch.tensor(f["token_type_ids"])
+    if types is not None:
+        batch["token_type_ids"] = types
+    if "start_positions" in features[0]:  # extractive QA: the answer span's token positions are the targets
+        for key in ("start_positions", "end_positions"):
+            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
+        return batch
+    first = features[0]["labels"]
+    if isinstance(first, list):
+        labels = torch.full((len(features), max(len(f["labels"]) for f in features)), -100, dtype=torch.long)
+        for i, f in enumerate(features):
             labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    else:
+        as_float = isinstance(first, (float, tuple))
+        labels = torch.tensor([f["labels"] for f in features], dtype=torch.float if as_float else torch.long)
+    return batch | {"labels": labels}
+
+
+def model_inputs(batch: dict) -> dict:
+    """What a forward pass for outputs (no loss) takes of a batch: the inputs, not the targets."""
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,

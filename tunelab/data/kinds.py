@@ -27,6 +27,14 @@ class Fields:
     tag_scheme: str = "iob2"
     prompt_field: str = "prompt"
     target_field: str = "target"
+    text_pair_field: str | None = None  # text pairs (classification, regression, multi-label): the second text
+
+    @classmethod
+    def of(cls, data) -> "Fields":
+        """The field names a DataConfig (or anything with these attributes) sets."""
+        from dataclasses import fields
+
+        return cls(**{f.name: getattr(data, f.name) for f in fields(cls)})
 
     def field(self, setting: str) -> Field:
         return Field(getattr(self, setting), setting)

@@ -234,8 +234,8 @@ def _json_objects(path) -> Iterator[tuple[int, dict | BadLine]]:
             yield n, e.at(path, n)
 
 
-def jsonl_texts(path, text: Field, label: Field | None = None, free_text: bool = False, one_label_kind: bool = False
-                ) -> Iterator[TextExample | BadLine]:
+def jsonl_texts(path, text: Field, label: Field | None = None, free_text: bool = False, one_label_kind: bool = False,
+                pair: Field | None = None) -> Iterator[TextExample | BadLine]:
     """A text (and with `label`, a label; `free_text`: the label is text, a generation target) a line. With
     `one_label_kind` (classification data) labels are all names or all integers: a label written the other way
     than the file's first one is a bad line (JSON 1 and "neg": a set written by two hands, or numbers that stand
@@ -247,6 +247,7 @@ def jsonl_texts(path, text: Field, label: Field | None = None, free_text: bool =
             continue
         try:
             value = _text(obj, text)
+            second = _text(obj, pair) if pair else None
             name = _label(obj, label, free_text) if label else None
             if label and not free_text and one_label_kind:
                 raw = obj[label.name]
@@ -256,7 +257,22 @@ def jsonl_texts(path, text: Field, label: Field | None = None, free_text: bool =
                     raise _Bad(f"label {json.dumps(raw, ensure_ascii=False):.60} is {kind} but earlier labels are "
                                f"{'numbers' if first[0] == 'a number' else 'text'} (from line {first[1]}); write all "
                                "labels the same way")
-            yield TextExample(value, name, str(path), n)
+            yield TextExample(value, name, str(path), n, text_pair=second)
+        except _Bad as e:
+            yield e.at(path, n)
+
+
+def jsonl_records(path, parse) -> Iterator:
+    """A record a line, each made an example by `parse(record: dict)`, which raises RecordError for a record it
+    cannot take (the task types with records of their own: QA, relations, multi-label, regression)."""
+    for n, obj in _json_objects(path):
+        if isinstance(obj, BadLine):
+            yield obj
+            continue
+        try:
+            example = parse(obj)
+            example.source, example.line = str(path), n
+            yield example
         except _Bad as e:
             yield e.at(path, n)
 
@@ -347,10 +363,20 @@ class _Iob1Note:
 # --- CSV / TSV ---------------------------------------------------------------------------------------------
 
 
-def csv_texts(path, text: Field, label: Field | None = None, free_text: bool = False
+def csv_texts(path, text: Field, label: Field | None = None, free_text: bool = False, pair: Field | None = None
               ) -> Iterator[TextExample | BadLine]:
     """A header naming the columns, then a row a record (comma-separated; tab-separated for .tsv). Quoted values
     keep their commas, quotes and line breaks as written; a row's line is the one where it starts."""
+    def parse(record: dict) -> TextExample:
+        return TextExample(_text(record, text), _label(record, label, free_text) if label else None,
+                           text_pair=_text(record, pair) if pair else None)
+
+    return csv_records(path, [f for f in (text, label, pair) if f], parse)
+
+
+def csv_records(path, need: list[Field], parse) -> Iterator:
+    """CSV rows as examples: `need` are the columns the header must have, `parse(record: dict)` makes a row's
+    example (RecordError for a row it cannot take)."""
     path = Path(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     undecodable = []  # (line, number) of the lines of the row being read that hold bytes that are not UTF-8
@@ -365,7 +391,7 @@ def csv_texts(path, text: Field, label: Field | None = None, free_text: bool = F
 
     with _open(path, newline="") as f:
         reader = csv.reader(checked(f), delimiter=delimiter)
-        header = _csv_header(reader, path, undecodable, [text] + ([label] if label else []))
+        header = _csv_header(reader, path, undecodable, need)
         while True:
             start = reader.line_num + 1
             undecodable.clear()
@@ -381,9 +407,9 @@ def csv_texts(path, text: Field, label: Field | None = None, free_text: bool = F
             try:
                 if undecodable:
                     _check_bytes(*undecodable[0], start)
-                record = _csv_record(header, row, [text] + ([label] if label else []))
-                yield TextExample(_text(record, text), _label(record, label, free_text) if label else None,
-                                  str(path), start)
+                example = parse(_csv_record(header, row, need))
+                example.source, example.line = str(path), start
+                yield example
             except _Bad as e:
                 yield e.at(path, start)
 
@@ -483,3 +509,9 @@ def conll_sentences(path, tag_column: int | None = -1, scheme: str = "iob2", not
             bad = e.at(path, n)
     if words:
         yield finish()
+
+
+# For the task types that parse records of their own (tunelab.tasks): the error a record's problem raises,
+# and a record's non-empty text field, checked as every reader checks text.
+RecordError = _Bad
+required_text = _text

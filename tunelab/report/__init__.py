@@ -21,7 +21,8 @@ def metrics_table(m: dict) -> str:
     """Markdown table of one split's metrics (entity, classification or generation)."""
     if "perplexity" in m:
         return (f"Loss {m['loss']:.4f} per reference token, perplexity {m['perplexity']:.2f} "
-                f"({m['target_tokens']} reference tokens, teacher forcing)")
+                f"({m['target_tokens']} reference tokens, teacher forcing)" +
+                (f"; {generation_line(m)}" if "bleu" in m else ""))
     if "per_type" in m:
         rows = ["| type | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
         for name, v in list(m["per_type"].items()) + [("**micro**", m["micro"]), ("macro", m["macro"])]:
@@ -29,10 +30,29 @@ def metrics_table(m: dict) -> str:
                         f"| {v['support']} |")
         rows.append(f"\nToken accuracy (secondary): {m['token_accuracy'] * 100:.2f}")
         return "\n".join(rows)
+    if "bleu" in m and "perplexity" not in m:  # (generation scored by outputs only)
+        return generation_line(m)
+    if "pearson" in m:
+        return (f"Pearson r {m['pearson']:.4f}, Spearman rho {m['spearman']:.4f}, MSE {m['mse']:.4f}, "
+                f"MAE {m['mae']:.4f} ({m['n']} examples)")
+    if "exact_match" in m:
+        return (f"Exact match {m['exact_match'] * 100:.2f}, F1 {m['f1'] * 100:.2f} ({m['questions']} questions, "
+                f"{m['answerable']} with an answer; official SQuAD normalisation, best over the gold answers)")
+    if "per_label" in m:
+        rows = ["| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+        rows += [f"| {name} | {v['precision'] * 100:.2f} | {v['recall'] * 100:.2f} | {v['f1'] * 100:.2f} | "
+                 f"{v['support']} |" for name, v in m["per_label"].items()]
+        rows.append(f"\nMicro-F1 {m['micro_f1'] * 100:.2f}, macro-F1 {m['macro_f1'] * 100:.2f}, subset accuracy "
+                    f"{m['subset_accuracy'] * 100:.2f} at threshold {m['threshold']} (best on these examples: "
+                    f"{m['best_threshold']}, micro-F1 {m['best_threshold_micro_f1'] * 100:.2f})")
+        return "\n".join(rows)
     rows = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for name, v in m["per_class"].items():
         rows.append(f"| {name} | {v['precision'] * 100:.2f} | {v['recall'] * 100:.2f} | {v['f1'] * 100:.2f} "
                     f"| {v['support']} |")
+    if "no_relation" in m:  # relation extraction: scored without the no-relation class
+        return "\n".join(rows + [f"\nMicro-F1 {m['micro_f1'] * 100:.2f} and macro-F1 {m['macro_f1'] * 100:.2f} over "
+                                 f"the relations (without {m['no_relation']!r}); accuracy {m['accuracy'] * 100:.2f}"])
     rows.append(f"\nAccuracy {m['accuracy'] * 100:.2f}, macro-F1 {m['macro_f1'] * 100:.2f}\n")
     labels = m["confusion"]["labels"]
     rows += ["Confusion (rows gold, columns predicted):", "", "| | " + " | ".join(labels) + " |",
@@ -40,6 +60,11 @@ def metrics_table(m: dict) -> str:
     for lab, row in zip(labels, m["confusion"]["matrix"]):
         rows.append(f"| {lab} | " + " | ".join(map(str, row)) + " |")
     return "\n".join(rows)
+
+
+def generation_line(m: dict) -> str:
+    return (f"greedy outputs: sacreBLEU {m['bleu']:.2f}, chrF {m['chrf']:.2f}, ROUGE-L {m['rougeL']:.2f} "
+            f"({m['outputs']} outputs)")
 
 
 def samples_table(samples: list[dict]) -> str:

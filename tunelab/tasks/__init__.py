@@ -15,13 +15,15 @@ from typing import Iterator, Protocol
 from tunelab.errors import TunelabError
 from tunelab.tasks.classify import ClassifyTask
 from tunelab.tasks.generate import GenerateTask
+from tunelab.tasks.multilabel import MultiLabelTask
 from tunelab.tasks.ner import NerTask
+from tunelab.tasks.regress import RegressTask
 
 
 class Task(Protocol):
     # -- what the kind is (class attributes; no tokenizer needed) --
     kind: str  # the registry name, `task:` in a recipe
-    example_type: type  # Sentence | TextExample | GenExample (tunelab.data.examples)
+    example_type: type  # Sentence | TextExample | GenExample | ... (tunelab.data.examples): one type per task type
     head: str  # the head transformers must have for the backbone, in words ("token-classification")
     new_head: bool  # a freshly initialised head that always trains (classification), or a pretrained one
     token_level: bool  # one output row per input token (prompt tuning must shift them past its tokens)
@@ -132,11 +134,15 @@ class Task(Protocol):
     def describe(self) -> dict:
         """What the HTTP API says about this task."""
 
+    def settle(self, dev_metrics: dict) -> None:
+        """After model selection: take decision settings from the selected dev evaluation's metrics before the
+        test split is scored and the model saved (multi-label: the threshold). Most task types have none."""
+
     def samples(self, model, examples: list, device, bf16) -> list[dict] | None:
         """Sample outputs for the report, or None."""
 
 
-REGISTRY: dict[str, type] = {t.kind: t for t in (NerTask, ClassifyTask, GenerateTask)}
+REGISTRY: dict[str, type] = {t.kind: t for t in (NerTask, ClassifyTask, GenerateTask, RegressTask, MultiLabelTask)}
 KINDS = tuple(REGISTRY)
 
 
@@ -163,5 +169,6 @@ def make_task(kind: str, tokenizer, labels, max_length: int, context_sentences: 
 
 def task_from_meta(meta: dict, tokenizer):
     """The task a saved folder's tunelab.json (or one task's entry in a multi-task folder's) describes."""
-    options = {"context_sentences": meta.get("context_sentences", 0), **meta.get("generation", {})}
+    options = {"context_sentences": meta.get("context_sentences", 0), **meta.get("generation", {}),
+               **meta.get("options", {})}
     return task_type(meta["task"]).build(tokenizer, meta["labels"], meta["max_length"], options)

@@ -1,14 +1,17 @@
-"""Sequence classification: one label per text, read from the head on the first ([CLS]) token.
+"""Sequence classification: one label per text, or per text pair (NLI, paraphrase, matching:
+data.text_pair_field), read from the head on the first ([CLS]) token.
 
 Texts longer than model.max_length keep their beginning (title and lead, where topic and sentiment are
-usually plain); how many were cut is reported, never hidden.
+usually plain); pairs are cut as the tokenizer cuts pairs (the longer text first). How many were cut is
+reported, never hidden.
 """
 
 import numpy as np
 
 from tunelab.data.examples import TextExample
-from tunelab.tasks.common import (as_is, evaluate_by_predictions, main_score, no_samples, nothing_to_fill, pad_id,
-                                  percent, predict_by_logits, predictions_as_given, set_labels, special_tokens)
+from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, no_decision_to_settle,
+                                  no_samples, nothing_to_fill, pad_id, pair_option, percent, predict_by_logits,
+                                  predictions_as_given, set_labels)
 
 
 class ClassifyTask:
@@ -26,22 +29,19 @@ class ClassifyTask:
     donor_rank = 1  # which task model lends the shared backbone in multi-task runs (lowest first)
     decoder_only = False
 
-    def __init__(self, tokenizer, labels: list[str], max_length: int):
+    def __init__(self, tokenizer, labels: list[str], max_length: int, pairs: bool = False):
         self.tokenizer = tokenizer
         self.labels = labels
         self.label2id = {label: i for i, label in enumerate(labels)}
         self.max_length = max_length
+        self.pairs = pairs  # each input is a text pair
         self.truncated = 0  # of the last encode() call
         self.pad = pad_id(tokenizer)
-        self.suffix = special_tokens(tokenizer)[1]
 
     def encode(self, examples: list[TextExample], training: bool) -> list[dict]:
-        full = self.tokenizer([e.text for e in examples])["input_ids"]
-        self.truncated = sum(len(ids) > self.max_length for ids in full)
-        keep = self.max_length - len(self.suffix)
-        return [{"input_ids": ids if len(ids) <= self.max_length else ids[:keep] + self.suffix,
-                 "labels": self.label2id[e.label] if e.label is not None else -100, "example": i}
-                for i, (ids, e) in enumerate(zip(full, examples))]
+        inputs, self.truncated = encode_texts(self.tokenizer, examples, self.max_length, self.pairs)
+        return [f | {"labels": self.label2id[e.label] if e.label is not None else -100, "example": i}
+                for i, (f, e) in enumerate(zip(inputs, examples))]
 
     def decode(self, features, logits, n_examples):
         """Per example: (label, probabilities over self.labels)."""
@@ -72,30 +72,31 @@ class ClassifyTask:
         from tunelab.data.readers import jsonl_texts
         from tunelab.tasks.common import text_reader
 
+        pair = f.field("text_pair_field") if f.text_pair_field else None
         if fmt == "jsonl" and labelled:
-            return jsonl_texts(path, f.field("text_field"), f.field("label_field"), one_label_kind=True)
+            return jsonl_texts(path, f.field("text_field"), f.field("label_field"), one_label_kind=True, pair=pair)
         return text_reader(path, fmt, labelled, f.field("text_field"), f.field("label_field") if labelled else None,
-                           False, "classification")
+                           False, "classification", pair)
 
     @staticmethod
     def from_record(r, i: int) -> TextExample:
-        """An in-memory record {"text": ..., "label": ...} (or a (text, label) pair)."""
-        from tunelab.errors import TunelabError
+        """An in-memory record {"text": ..., "label": ...} (with "text_pair" for pairs), or a (text, label)
+        tuple."""
+        from tunelab.tasks.common import record_texts
 
-        text, label = (r.get("text"), r.get("label")) if isinstance(r, dict) else r
-        if not isinstance(text, str) or not text.strip():
-            raise TunelabError(f"record {i}: text must be a non-empty string")
-        return TextExample(text, None if label is None else str(label), "<memory>", i)
+        text, pair = record_texts(r, i)
+        label = r.get("label") if isinstance(r, dict) else r[1]
+        return TextExample(text, None if label is None else str(label), "<memory>", i, text_pair=pair)
 
     @staticmethod
     def hf_records(ds, f) -> list[dict]:
         """A `datasets.Dataset`'s rows as records; an integer ClassLabel column becomes label names."""
         from tunelab.tasks.common import require_columns
 
-        require_columns(ds, [f.text_field, f.label_field])
+        require_columns(ds, [f.text_field, f.label_field] + ([f.text_pair_field] if f.text_pair_field else []))
         names = getattr(ds.features[f.label_field], "names", None)
         return [{"text": r[f.text_field], "label": names[r[f.label_field]] if names else r[f.label_field]}
-                for r in ds]
+                | ({"text_pair": r[f.text_pair_field]} if f.text_pair_field else {}) for r in ds]
 
     @staticmethod
     def label_list(train: list) -> list[str]:
@@ -124,6 +125,7 @@ class ClassifyTask:
 
     merge_predictions = staticmethod(nothing_to_fill)
     restrict_predictions = staticmethod(predictions_as_given)
+    settle = no_decision_to_settle
 
     @staticmethod
     def model_class(config):
@@ -139,19 +141,18 @@ class ClassifyTask:
 
     configure = staticmethod(set_labels)
 
-    @staticmethod
-    def options(data, model_config) -> dict:
-        return {}
+    options = staticmethod(pair_option)
 
     @classmethod
     def build(cls, tokenizer, labels, max_length, options: dict):
-        return cls(tokenizer, labels, max_length)
+        return cls(tokenizer, labels, max_length, options.get("pairs", False))
 
     def meta(self) -> dict:
-        return {"task": self.kind, "labels": self.labels, "max_length": self.max_length, "context_sentences": 0}
+        return {"task": self.kind, "labels": self.labels, "max_length": self.max_length, "context_sentences": 0,
+                "options": {"pairs": self.pairs}}
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "labels": self.labels}
+        return {"kind": self.kind, "labels": self.labels, "pairs": self.pairs}
 
     format_main = staticmethod(percent)
     score = staticmethod(main_score)
@@ -164,6 +165,7 @@ class ClassifyTask:
 
     @staticmethod
     def records(labels, examples, predictions, offsets=None):
-        """One record per example: text, label, score and probabilities by label name."""
+        """One record per example: text (and text_pair), label, score and probabilities by label name."""
         for ex, (label, probs) in zip(examples, predictions):
-            yield {"text": ex.text, "label": label, "score": max(probs), "probabilities": dict(zip(labels, probs))}
+            yield {"text": ex.text} | ({"text_pair": ex.text_pair} if ex.text_pair is not None else {}) | {
+                "label": label, "score": max(probs), "probabilities": dict(zip(labels, probs))}

@@ -15,6 +15,41 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def encode_texts(tokenizer, examples: list, max_length: int, pairs: bool) -> tuple[list[dict], int]:
+    """Inputs of texts (or text pairs: `pairs`, from each example's `text_pair`) for a sequence-level head, and
+    how many were longer than max_length. A single text over the limit keeps its beginning and the closing
+    special token; a pair is cut as the tokenizer cuts pairs (longest_first: the longer text loses tokens
+    first), and carries token_type_ids where the tokenizer's model takes them (BERT: 0 for the first text, 1
+    for the second), as transformers' own pipeline feeds a pair."""
+    from tunelab.errors import TunelabError
+
+    for e in examples:
+        if (e.text_pair is not None) != pairs:
+            where = f"{e.source}:{e.line}" if e.line is not None else e.source
+            raise TunelabError(f"{where}: " + (
+                "this model reads text pairs; give the second text too (data.text_pair_field, or "
+                "--text-pair-field / text_pairs in a request)" if pairs else
+                "this model reads single texts, but the input has a second text (text_pair); leave it out"))
+    if not pairs:
+        full = tokenizer([e.text for e in examples])["input_ids"]
+        suffix = special_tokens(tokenizer)[1]
+        keep = max_length - len(suffix)
+        return ([{"input_ids": ids if len(ids) <= max_length else ids[:keep] + suffix} for ids in full],
+                sum(len(ids) > max_length for ids in full))
+    types = "token_type_ids" in tokenizer.model_input_names
+    firsts, seconds = [e.text for e in examples], [e.text_pair for e in examples]
+    full = tokenizer(firsts, seconds, return_token_type_ids=types)
+    long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
+    if long:
+        cut = tokenizer([firsts[i] for i in long], [seconds[i] for i in long], truncation="longest_first",
+                        max_length=max_length, return_token_type_ids=types)
+        for j, i in enumerate(long):
+            for key in cut:
+                full[key][i] = cut[key][j]
+    keys = ("input_ids", "token_type_ids") if types else ("input_ids",)
+    return [{k: full[k][i] for k in keys} for i in range(len(examples))], len(long)
+
+
 def pad_id(tokenizer, fallback: int = 0) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
 
@@ -65,22 +100,43 @@ def set_labels(config, labels: list[str]) -> None:
     config.label2id = {label: i for i, label in enumerate(labels)}
 
 
-def text_reader(path, fmt: str, labelled: bool, text, label, free_text: bool, what: str):
-    """JSONL or CSV records with a text field (and a label, or free text for a generation target) ->
-    TextExample; unlabelled also plain text lines. text/label: tunelab.data.readers.Field."""
+def text_reader(path, fmt: str, labelled: bool, text, label, free_text: bool, what: str, pair=None):
+    """JSONL or CSV records with a text field (and a label, or free text for a generation target; and with
+    `pair`, a second text) -> TextExample; unlabelled single texts also plain text lines. text/label/pair:
+    tunelab.data.readers.Field."""
     from tunelab.data.readers import csv_texts, jsonl_texts, text_lines
     from tunelab.errors import TunelabError
 
     if fmt == "jsonl":
-        return jsonl_texts(path, text, label, free_text)
+        return jsonl_texts(path, text, label, free_text, pair=pair)
     if fmt == "csv":
-        return csv_texts(path, text, label, free_text)
+        return csv_texts(path, text, label, free_text, pair=pair)
+    if fmt == "text" and pair is not None:
+        raise TunelabError(f"{path}: a text pair model reads JSONL or CSV records with {text.name!r} and "
+                           f"{pair.name!r} fields, not text lines")
     if fmt == "text" and not labelled:
         return text_lines(path)
     if labelled:
         raise TunelabError(f"{path}: {what} data must be JSONL or CSV with {text.name!r} and {label.name!r} fields")
     raise TunelabError(f"{path}: {what} input must be text lines, JSONL or CSV with a {text.name!r} field"
                        + ("; CoNLL columns are NER input" if fmt == "conll" else ""))
+
+
+def pair_option(data, model_config) -> dict:
+    """options() of the task types that read single texts or text pairs (data.text_pair_field)."""
+    return {"pairs": data.text_pair_field is not None}
+
+
+def record_texts(r, i: int) -> tuple[str, str | None]:
+    """An in-memory record's text and text_pair (None when it has none): a dict, or a tuple starting with the
+    text."""
+    from tunelab.errors import TunelabError
+
+    text, pair = (r.get("text"), r.get("text_pair")) if isinstance(r, dict) else (r[0], None)
+    for name, value in (("text", text), ("text_pair", pair)):
+        if (value is not None or name == "text") and (not isinstance(value, str) or not value.strip()):
+            raise TunelabError(f"record {i}: {name} must be a non-empty string")
+    return text, pair
 
 
 def require_columns(ds, need: list[str]) -> None:
@@ -116,3 +172,7 @@ def predictions_as_given(predictions: list, labels: list[str]) -> list:
     """restrict_predictions of a task whose predictions need no restricting: a text of these classes
     predicted as another is simply wrong (class-incremental scoring); a generated text has no labels."""
     return predictions
+
+
+def no_decision_to_settle(task, dev_metrics: dict) -> None:
+    """settle() of the task types whose decision rule has no setting to take from dev (argmax, spans)."""

@@ -14,7 +14,7 @@ for fewer (`max_new_tokens`, e.g. per request in the server).
 import math
 
 from tunelab.data.examples import GenExample, TextExample
-from tunelab.tasks.common import nothing_to_fill, predictions_as_given, special_tokens
+from tunelab.tasks.common import no_decision_to_settle, nothing_to_fill, predictions_as_given, special_tokens
 
 # torch (and what imports it) is imported where it is used: the task registry, and so config validation,
 # loads without it.
@@ -214,6 +214,7 @@ class GenerateTask:
 
     merge_predictions = staticmethod(nothing_to_fill)
     restrict_predictions = staticmethod(predictions_as_given)
+    settle = no_decision_to_settle
 
     @staticmethod
     def model_class(config):

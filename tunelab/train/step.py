@@ -99,7 +99,7 @@ def micro_batch(forward: Callable, model, batch: dict, *, device, bf16: bool, st
     with watch(model) if watch is not None else nullcontext():
         output = run(**batch)
         # share 0 (no labelled token on this process): a zero gradient, not the NaN of an empty mean
-        loss = output.loss if share else output.logits.float().sum() * 0.0
+        loss = output.loss if share else output[1].float().sum() * 0.0  # (output[1]: logits, or QA's start logits)
         objective = weigh(loss.float()) if weigh is not None else loss
         mb = MicroBatch(model, batch, output, run)
         terms = {}

@@ -201,6 +201,8 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         "dev": next((e["metrics"] for e in state["evals"] if e["step"] == state["best_step"]), None),
         "test": None,
     }
+    if report["dev"]:
+        task.settle(report["dev"])  # decision settings from the selected dev evaluation (multi-label threshold)
     if splits.test and test:
         report["test"] = task.evaluate(model, splits.test, device, tc.bf16, desc="test", dist=dist)
         tracker.log(state["step"], track.metric_scalars("test", report["test"]))
