@@ -24,6 +24,7 @@ from tunelab.tasks import KINDS
 # schemes and input formats come from their torch-free owners; tunelab.peft, rl.estimators and multitask.sampling
 # import torch, so their lists (ADAPTERS, ESTIMATORS, SAMPLINGS) live here and they import them (config must load
 # without torch).
+GEN_SELECT = ("loss", "bleu", "chrf", "rougeL")
 TASKS = KINDS  # the task registry (tunelab.tasks): a plain run, or one entry of `tasks:`
 RUN_TASKS = TASKS + ("multitask", "rl", "continual")  # ... and the recipes that combine or sequence tasks or train by reward
 ADAPTERS = ("lora", "ia3", "prompt", "prefix")  # tune methods that train a peft adapter
@@ -86,6 +87,16 @@ class DataConfig:
     target_field: str = "target"  # generation: JSONL/CSV field of the reference output
     prompt_suffix: str = "\n"  # generation with a causal LM: put between the prompt and the output it learns
     max_target_length: int = ranged(64, gt=0)  # generation: reference tokens kept in training; new tokens at prediction
+    # generation: what dev selection maximises: the references' likelihood (loss; cheap, no decoding) or a score of
+    # the greedy outputs (each dev evaluation then decodes the dev split). Test and `tunelab eval` always score
+    # the outputs with sacreBLEU, chrF and ROUGE-L beside the loss.
+    select_by: str = choice("loss", GEN_SELECT)
+    # extractive QA: context windows overlap by this many tokens; answers are at most this many tokens; no_answer:
+    # questions may have no answer in their context (SQuAD v2-style; the empty answer is then predicted)
+    doc_stride: int = ranged(128, gt=0)
+    max_answer_length: int = ranged(30, gt=0)
+    no_answer: bool = False
+    num_beams: int = ranged(1, ge=1)  # generation: 1 = greedy decoding; more = beam search (slower)
     tag_column: int = -1
     tag_scheme: str = choice("iob2", SCHEMES)  # scheme of the input files; converted to IOB2
     context_sentences: int = ranged(0, ge=0)  # NER: up to this many neighbouring sentences of one document as context
@@ -392,6 +403,10 @@ def _check_fields(obj, prefix: str, sources: dict):
 
 def _validate(cfg: RunConfig, sources: dict):
     _check_fields(cfg, "", sources)
+    for key in ("select_by", "num_beams"):
+        if getattr(cfg.data, key) != getattr(DataConfig, key) and cfg.task != "generate":
+            raise _fail(sources, f"data.{key}", f"config key 'data.{key}' is for task: generate (outputs decoded "
+                        f"from a language model), not task: {cfg.task}")
     for op, p in cfg.robust.augment.items():
         key = f"robust.augment.{op}"
         if op not in AUGMENTATIONS:

@@ -201,6 +201,8 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
                  "batches": state["drawn"][n], "batch_share": state["drawn"][n] / max(1, drawn),
                  "dev": best["tasks"][n] if best else None, "test": None}
         head = model.use(n)
+        if best:
+            tasks[n].settle(best["tasks"][n])  # decision settings from the selected dev evaluation
         if splits[n].test and test:
             entry["test"] = tasks[n].evaluate(head, splits[n].test, device, tc.bf16, desc=f"test {n}", dist=dist)
             tracker.log(state["step"], track.metric_scalars(f"test/{n}", entry["test"]))

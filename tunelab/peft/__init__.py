@@ -146,10 +146,15 @@ def shift_token_outputs(model, n: int) -> None:
         labels = kwargs.get("labels")
         if labels is not None:
             kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), -100), labels], dim=1)
+        for key in ("start_positions", "end_positions"):  # extractive QA: answer positions move with the tokens
+            if kwargs.get(key) is not None:
+                kwargs[key] = kwargs[key] + n
         return args, kwargs
 
     def post(module, args, kwargs, output):
-        output["logits"] = output["logits"][:, n:]
+        for key in ("logits", "start_logits", "end_logits"):
+            if key in output:
+                output[key] = output[key][:, n:]
         return output
 
     model.register_forward_pre_hook(pre, with_kwargs=True)

@@ -17,6 +17,7 @@ from tunelab.tasks.classify import ClassifyTask
 from tunelab.tasks.generate import GenerateTask
 from tunelab.tasks.multilabel import MultiLabelTask
 from tunelab.tasks.ner import NerTask
+from tunelab.tasks.qa import QATask
 from tunelab.tasks.regress import RegressTask
 
 
@@ -142,7 +143,8 @@ class Task(Protocol):
         """Sample outputs for the report, or None."""
 
 
-REGISTRY: dict[str, type] = {t.kind: t for t in (NerTask, ClassifyTask, GenerateTask, RegressTask, MultiLabelTask)}
+REGISTRY: dict[str, type] = {t.kind: t for t in (NerTask, ClassifyTask, GenerateTask, RegressTask, MultiLabelTask,
+                                               QATask)}
 KINDS = tuple(REGISTRY)
 
 

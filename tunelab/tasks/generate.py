@@ -6,15 +6,18 @@ target + eos the decoder labels; the model shifts them into its decoder input it
 
 Over-long prompts lose their end, never the suffix or the target (the start of an article carries its point);
 targets keep their first `max_target_length` tokens. Model selection uses the dev loss per target token
-(`main` = -loss, so that higher is better like every other task); perplexity is reported beside it.
-Prediction decodes greedily (deterministic), `max_target_length` new tokens at most unless the call asks
-for fewer (`max_new_tokens`, e.g. per request in the server).
+(`main` = -loss, so that higher is better like every other task), or with data.select_by a score of the
+decoded dev outputs (`main` = BLEU, chrF or ROUGE-L / 100). Perplexity is reported beside the loss; the
+test split and `tunelab eval` also decode and score the outputs (sacreBLEU, chrF, ROUGE-L: settle() turns
+that on after selection, so that a loss-selected run decodes only once, at the end).
+Prediction decodes greedily (deterministic), or by beam search with data.num_beams, `max_target_length` new
+tokens at most unless the call asks for fewer (`max_new_tokens`, e.g. per request in the server).
 """
 
 import math
 
 from tunelab.data.examples import GenExample, TextExample
-from tunelab.tasks.common import no_decision_to_settle, nothing_to_fill, predictions_as_given, special_tokens
+from tunelab.tasks.common import nothing_to_fill, predictions_as_given, special_tokens
 
 # torch (and what imports it) is imported where it is used: the task registry, and so config validation,
 # loads without it.
@@ -38,8 +41,12 @@ class GenerateTask:
     donor_rank = 0  # its LM head is tied to the embeddings: its backbone is the one the others share
 
     def __init__(self, tokenizer, max_length: int, encoder_decoder: bool, prompt_suffix: str = "\n",
-                 max_target_length: int = 64):
+                 max_target_length: int = 64, select_by: str = "loss", num_beams: int = 1,
+                 score_outputs: bool = True):
         self.tokenizer = tokenizer
+        self.select_by, self.num_beams = select_by, num_beams
+        # decode and score outputs in evaluate(): always when selecting by them; else after settle()
+        self.score_outputs = score_outputs or select_by != "loss"
         self.max_length = max_length
         self.encoder_decoder = encoder_decoder
         self.max_target_length = max_target_length
@@ -85,8 +92,9 @@ class GenerateTask:
     def evaluate(self, model, examples, device, bf16=False, batch_size=16, desc=None, dist=None,
                  predictions=None) -> dict:
         """Mean loss per reference token (and perplexity) under teacher forcing. dist: a distributed run's
-        ranks share the batches; the sums are taken in batch order, as on one process. `predictions`
-        (greedy outputs) play no part: generation is scored by the references' likelihood."""
+        ranks share the batches; the sums are taken in batch order, as on one process. With score_outputs,
+        the decoded outputs (`predictions` when given, else decoded here, on every rank: decoding is not
+        shared) are also scored against the references: sacreBLEU, chrF, ROUGE-L."""
         import torch
 
         from tunelab.data.batching import collate
@@ -110,7 +118,20 @@ class GenerateTask:
             loss, n = parts[pos]
             total, count = total + loss * n, count + n
         loss = total / max(1, count)
-        return {"main": -loss, "loss": loss, "perplexity": math.exp(min(loss, 50)), "target_tokens": count}
+        out = {"main": -loss, "loss": loss, "perplexity": math.exp(min(loss, 50)), "target_tokens": count}
+        if self.score_outputs:
+            from tunelab.metrics import generation_metrics
+
+            outputs = predictions if predictions is not None else self.predict(model, examples, device, bf16,
+                                                                               batch_size, desc)
+            out |= generation_metrics([e.target for e in examples], outputs) | {"outputs": len(outputs)}
+            if self.select_by != "loss":
+                out |= {"main": out[self.select_by] / 100, "selected_by": self.select_by}
+        return out
+
+    def settle(self, dev_metrics: dict) -> None:
+        """From now on (the test split, the saved model's evaluations) decode and score the outputs too."""
+        self.score_outputs = True
 
     def pad_prompts(self, rows: list[list[int]]) -> tuple:
         """Prompt ids and attention mask for `generate`, both (rows, longest) tensors: a decoder continues from
@@ -152,7 +173,7 @@ class GenerateTask:
                 longest = ids.shape[1]
                 with autocast(device, bf16):
                     gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                         max_new_tokens=bound, pad_token_id=self.pad,
+                                         num_beams=self.num_beams, max_new_tokens=bound, pad_token_id=self.pad,
                                          eos_token_id=self.eos)
                 new = gen if self.encoder_decoder else gen[:, longest:]
                 for r, i in enumerate(idx):
@@ -214,7 +235,6 @@ class GenerateTask:
 
     merge_predictions = staticmethod(nothing_to_fill)
     restrict_predictions = staticmethod(predictions_as_given)
-    settle = no_decision_to_settle
 
     @staticmethod
     def model_class(config):
@@ -235,33 +255,38 @@ class GenerateTask:
     @staticmethod
     def options(data, model_config) -> dict:
         return {"encoder_decoder": bool(model_config.is_encoder_decoder), "prompt_suffix": data.prompt_suffix,
-                "max_target_length": data.max_target_length}
+                "max_target_length": data.max_target_length, "select_by": data.select_by,
+                "num_beams": data.num_beams, "score_outputs": False}  # (training: until settle())
 
     @classmethod
     def build(cls, tokenizer, labels, max_length, options: dict):
         return cls(tokenizer, max_length, options.get("encoder_decoder", False), options.get("prompt_suffix", "\n"),
-                   options.get("max_target_length", 64))
+                   options.get("max_target_length", 64), options.get("select_by", "loss"),
+                   options.get("num_beams", 1), options.get("score_outputs", True))
 
     def meta(self) -> dict:
         return {"task": self.kind, "labels": [], "max_length": self.max_length, "context_sentences": 0,
                 "generation": {"encoder_decoder": self.encoder_decoder, "prompt_suffix": self.prompt_suffix,
-                               "max_target_length": self.max_target_length}}
+                               "max_target_length": self.max_target_length, "select_by": self.select_by,
+                               "num_beams": self.num_beams}}
 
     def describe(self) -> dict:
         return {"kind": self.kind, "max_new_tokens": self.max_target_length}
 
     @staticmethod
     def format_main(m: dict) -> str:
-        return f"{m['loss']:.4f}"
+        return f"{m[m['selected_by']]:.2f} {m['selected_by']}" if "selected_by" in m else f"{m['loss']:.4f}"
 
     @staticmethod
     def score(m: dict) -> float:
-        """1/perplexity = exp(-loss per token): on a 0-1 scale, so that it averages with other tasks'."""
-        return math.exp(m["main"])
+        """1/perplexity = exp(-loss per token), or the selected output score / 100: on a 0-1 scale, so that it
+        averages with other tasks'."""
+        return m["main"] if "selected_by" in m else math.exp(m["main"])
 
     @staticmethod
     def curve_value(main: float) -> float:
-        return -main  # the loss itself
+        # the loss itself (main = -loss <= 0); an output score (select_by: main = score / 100 > 0) on 0-100
+        return -main if main <= 0 else 100 * main
 
     def samples(self, model, examples, device, bf16) -> list[dict]:
         """The first SAMPLES examples' greedy outputs beside their prompts and references (report)."""
