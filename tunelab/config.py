@@ -96,6 +96,7 @@ class DataConfig:
     doc_stride: int = ranged(128, gt=0)
     max_answer_length: int = ranged(30, gt=0)
     no_answer: bool = False
+    no_relation: str = "no_relation"  # relation extraction: the label meaning "no relation" (scored as abstaining)
     num_beams: int = ranged(1, ge=1)  # generation: 1 = greedy decoding; more = beam search (slower)
     tag_column: int = -1
     tag_scheme: str = choice("iob2", SCHEMES)  # scheme of the input files; converted to IOB2

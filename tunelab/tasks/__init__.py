@@ -19,6 +19,7 @@ from tunelab.tasks.multilabel import MultiLabelTask
 from tunelab.tasks.ner import NerTask
 from tunelab.tasks.qa import QATask
 from tunelab.tasks.regress import RegressTask
+from tunelab.tasks.relation import RelationTask
 
 
 class Task(Protocol):
@@ -144,7 +145,7 @@ class Task(Protocol):
 
 
 REGISTRY: dict[str, type] = {t.kind: t for t in (NerTask, ClassifyTask, GenerateTask, RegressTask, MultiLabelTask,
-                                               QATask)}
+                                               QATask, RelationTask)}
 KINDS = tuple(REGISTRY)
 
 
