@@ -186,6 +186,8 @@ def _file_options(p) -> None:
     p.add_argument("--format", choices=stream.FORMATS, help="input format (default: from the extension)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
+    p.add_argument("--text-pair-field", help="text pairs: the field of the second text (default: text_pair, for a "
+                                              "model trained on pairs)")
     p.add_argument("--tokens-field", default="tokens")
     p.add_argument("--tags-field", default="tags")
     p.add_argument("--prompt-field", default="prompt")
@@ -198,14 +200,22 @@ def _file_options(p) -> None:
                                                         "on CPUs with bf16 instructions)")
 
 
-def _read_labelled(args, task: str, path: str) -> list:
+def _pair_field(args, task) -> str | None:
+    """The field of the second text: --text-pair-field, else "text_pair" for a model of text pairs."""
+    if args.text_pair_field and not getattr(task, "pairs", False):
+        raise TunelabError(f"--text-pair-field: this model reads single texts ({task.kind}), not pairs")
+    return args.text_pair_field or ("text_pair" if getattr(task, "pairs", False) else None)
+
+
+def _read_labelled(args, task, path: str) -> list:
     from tunelab.data import read_file
 
     if args.format == "text":
         raise TunelabError(f"--format text: {path} must hold labels to evaluate on; use conll, jsonl or csv")
-    return read_file(path, task, args.format, True, text_field=args.text_field, label_field=args.label_field,
+    return read_file(path, task.kind, args.format, True, text_field=args.text_field, label_field=args.label_field,
                      tokens_field=args.tokens_field, tags_field=args.tags_field, tag_column=args.tag_column,
-                     tag_scheme=args.tag_scheme, prompt_field=args.prompt_field, target_field=args.target_field)
+                     tag_scheme=args.tag_scheme, prompt_field=args.prompt_field, target_field=args.target_field,
+                     text_pair_field=_pair_field(args, task))
 
 
 def cmd_train(args) -> int:
@@ -272,7 +282,7 @@ def cmd_eval(args) -> int:
             raise TunelabError(f"--data {args.data}: split must be train, dev or test")
         examples = getattr(splits, split)
     else:
-        examples = _read_labelled(args, task.kind, args.data)
+        examples = _read_labelled(args, task, args.data)
     # A label the model never learned cannot be predicted: say so instead of scoring it as a silent miss.
     check_known_labels(examples, task.labels, "is not one the model was trained on")
     unreadable = pred.unreadable(examples, task=args.task)
@@ -408,13 +418,14 @@ def cmd_predict(args) -> int:
         raise TunelabError(f"{args.input}: no such file (to predict on literal text, quote a sentence)")
     fmt = input_format(path, args.format) if path.is_file() else None  # (before the model loads: fail fast)
     pred = Predictor(args.model_dir, args.device, args.batch_size, args.bf16)
-    kind = pred.task_for(task=args.task).kind
+    task = pred.task_for(task=args.task)
+    pair_field = _pair_field(args, task)
 
     def inputs():  # a fresh iterator on each call: predict_file reads the input twice (check, then predict)
         if not path.is_file():
             return [TextExample(args.input, None, "<argument>", None)]
-        return stream_inputs(path, kind, fmt, text_field=args.text_field, tokens_field=args.tokens_field,
-                             prompt_field=args.prompt_field)
+        return stream_inputs(path, task.kind, fmt, text_field=args.text_field, tokens_field=args.tokens_field,
+                             prompt_field=args.prompt_field, text_pair_field=pair_field)
 
     predict_file(pred, inputs, args.output, task=args.task, on_error=args.on_error, chunk_size=args.chunk_size,
                  max_new_tokens=args.max_new_tokens, source=str(path) if path.is_file() else None)

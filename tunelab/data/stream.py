@@ -82,9 +82,10 @@ def _looks_like_columns(path, sample: int = 20) -> tuple[int, str] | None:
 
 
 def stream_inputs(path, kind: str, fmt: str, *, text_field="text", tokens_field="tokens",
-                  prompt_field="prompt") -> Iterator[TextExample | Sentence | BadLine]:
-    """The inputs of `path` for a task of kind `kind` (ner, classify, generate), read lazily."""
-    fields = Fields(text_field=text_field, tokens_field=tokens_field, prompt_field=prompt_field)
+                  prompt_field="prompt", text_pair_field=None) -> Iterator[TextExample | Sentence | BadLine]:
+    """The inputs of `path` for a task of kind `kind` (tunelab.tasks.KINDS), read lazily."""
+    fields = Fields(text_field=text_field, tokens_field=tokens_field, prompt_field=prompt_field,
+                    text_pair_field=text_pair_field)
     return open_reader(path, kind, fmt, False, fields)
 
 

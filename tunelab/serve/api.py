@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from tunelab.data.examples import TextExample
 from tunelab.data.readers import CONTROL_RANGES, control_character
 from tunelab.serve.model import ModelService, Route
 
@@ -51,7 +52,12 @@ class ApiError(Exception):
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: list[StrictStr] = Field(description="The raw texts (for generation: the prompts).")
+    texts: list[StrictStr] = Field(description="The raw texts (for generation: the prompts; for extractive QA: "
+                                               "the questions; for relation extraction: texts with <e1:TYPE>..</e1> "
+                                               "and <e2:TYPE>..</e2> marks).")
+    text_pairs: list[StrictStr] | None = Field(None, description="One second text per text, for a model of text "
+                                                                 "pairs (GET /v1/model: pairs) or extractive QA "
+                                                                 "(the context of each question).")
     task: StrictStr | None = Field(None, description="The task name (GET /v1/model); required when the model "
                                                      "serves several tasks.")
     adapter: StrictStr | None = Field(None, description="An adapter name (GET /v1/model), when several are loaded.")
@@ -92,6 +98,7 @@ class Scored(BaseModel):
 
 class ClassifyResult(BaseModel):
     text: str
+    text_pair: str | None = None
     label: str
     score: float
     probabilities: dict[str, float] = Field(description="Probability of every label, by name (sums to 1).")
@@ -103,10 +110,50 @@ class GenerateResult(BaseModel):
     output: str
 
 
+class RegressResult(BaseModel):
+    text: str
+    text_pair: str | None = None
+    score: float = Field(description="The predicted value, on the training data's scale.")
+
+
+class MultiLabelResult(BaseModel):
+    text: str
+    text_pair: str | None = None
+    labels: list[str] = Field(description="Every label whose probability reaches the model's threshold.")
+    probabilities: dict[str, float] = Field(description="Each label's own probability (they need not sum to 1).")
+    top_k: list[Scored] | None = None
+
+
+class QAResult(BaseModel):
+    question: str
+    answer: str = Field(description="The context's own [start, end) slice; empty when the model finds no answer.")
+    start: int = Field(description="Offset of the answer in the context, in code points; -1 for no answer.")
+    end: int
+    score: float = Field(description="Start + end logit of the answer span.")
+
+
+class Mention(BaseModel):
+    start: int
+    end: int
+    type: str
+    text: str
+
+
+class RelationResult(BaseModel):
+    text: str = Field(description="The text without its marks; mention offsets refer to it.")
+    head: Mention
+    tail: Mention
+    label: str
+    score: float
+    probabilities: dict[str, float]
+    top_k: list[Scored] | None = None
+
+
 class PredictResponse(BaseModel):
     task: str
-    kind: str = Field(description="ner, classify or generate.")
-    results: list[NerResult | ClassifyResult | GenerateResult] = Field(description="One per text, in order.")
+    kind: str = Field(description="ner, classify, generate, regress, multilabel, qa or relation.")
+    results: list[NerResult | ClassifyResult | GenerateResult | RegressResult | MultiLabelResult | QAResult |
+                  RelationResult] = Field(description="One per text, in order.")
 
 
 def request_schema(limits: Limits) -> dict:
@@ -117,6 +164,9 @@ def request_schema(limits: Limits) -> dict:
     # a character that is not white space, and no control character (tab, line feed, carriage return are fine)
     texts["items"].update(minLength=1, maxLength=limits.max_chars,
                           pattern=rf"^[^{CONTROL_RANGES}]*[^\s{CONTROL_RANGES}][^{CONTROL_RANGES}]*$")
+    pairs = next(a for a in schema["properties"]["text_pairs"]["anyOf"] if a.get("type") == "array")
+    pairs.update(minItems=1, maxItems=limits.max_texts)
+    pairs["items"].update(texts["items"])
     return schema
 
 
@@ -125,7 +175,7 @@ def request_schema(limits: Limits) -> dict:
 
 @dataclass
 class Request:
-    texts: list[str]
+    texts: list  # the texts, or (text, text_pair) pairs
     task: str  # the API's task name
     kind: str
     route: Route
@@ -151,8 +201,11 @@ def parse_predict(body: bytes, content_type: str | None, service: ModelService, 
         raise ApiError(422, "give at least one text", "texts")
     if len(req.texts) > limits.max_texts:
         raise ApiError(422, f"{len(req.texts)} texts; at most {limits.max_texts} per request", "texts")
-    for i, text in enumerate(req.texts):
-        field = f"texts[{i}]"
+    if req.text_pairs is not None and len(req.text_pairs) != len(req.texts):
+        raise ApiError(422, f"{len(req.text_pairs)} text_pairs for {len(req.texts)} texts; give one per text",
+                       "text_pairs")
+    for i, (text, field) in enumerate([(t, f"texts[{i}]") for i, t in enumerate(req.texts)] +
+                                      [(t, f"text_pairs[{i}]") for i, t in enumerate(req.text_pairs or [])]):
         if len(text) > limits.max_chars:
             raise ApiError(422, f"{len(text)} characters; at most {limits.max_chars} per text", field)
         control = control_character(text)  # the same characters a file may not hold (tunelab.data.readers)
@@ -179,7 +232,23 @@ def parse_predict(body: bytes, content_type: str | None, service: ModelService, 
         if req.max_new_tokens > task.new_tokens_bound:
             raise ApiError(422, f"max_new_tokens is {req.max_new_tokens}; this model allows at most "
                                 f"{task.new_tokens_bound}", "max_new_tokens")
-    return Request(req.texts, name, task.kind, route, req.top_k)
+    wants = task.describe().get("pairs", False)
+    if wants and req.text_pairs is None:
+        raise ApiError(422, f"task {name!r} ({task.kind}) reads " + ("a question and its context: give the "
+                       "contexts as text_pairs" if task.kind == "qa" else "text pairs: give the second texts as "
+                       "text_pairs"), "text_pairs")
+    if not wants and req.text_pairs is not None:
+        raise ApiError(422, f"task {name!r} ({task.kind}) reads single texts; leave text_pairs out", "text_pairs")
+    items = req.texts if req.text_pairs is None else list(zip(req.texts, req.text_pairs))
+    if task.kind == "relation":  # the marks must be there: a malformed text is the request's mistake, not a 500
+        from tunelab.errors import TunelabError
+
+        for i, text in enumerate(req.texts):
+            try:
+                task.text_examples([TextExample(text, None, "<request>", i + 1)])
+            except TunelabError as e:
+                raise ApiError(422, str(e).split(": ", 1)[-1], f"texts[{i}]") from None
+    return Request(items, name, task.kind, route, req.top_k)
 
 
 def _json(body: bytes):

@@ -4,7 +4,8 @@
     GET  /ready        200 while the model takes requests; 503 before start-up ends and while shutting down
     GET  /metrics      Prometheus text: requests by outcome, batch sizes, queue depth
     GET  /v1/model     tasks, labels, base model, adapters, limits
-    POST /v1/predict   {"texts": [...], "task": ..., "top_k": ..., "max_new_tokens": ...} -> a result per text
+    POST /v1/predict   {"texts": [...], "text_pairs": [...], "task": ..., "top_k": ..., "max_new_tokens": ...}
+                       -> a result per text (text_pairs: pair models' second texts, QA's contexts)
     GET  /openapi.json the OpenAPI document (and /docs)
 
 Shutdown (SIGTERM / Ctrl-C): uvicorn stops accepting connections and waits for the requests under way; the

@@ -55,10 +55,13 @@ class ModelService:
             "adapters": {name: {"labels": labels} for name, labels in self.adapters.items()},
         }
 
-    def run(self, route: Route, texts: list[str]) -> list[dict]:
-        """One forward pass over `texts` (called on the model thread only). Returns one record each."""
+    def run(self, route: Route, texts: list) -> list[dict]:
+        """One forward pass over `texts`, each a text or a (text, text_pair) pair (called on the model thread
+        only). Returns one record each."""
         task = self.task_for(route)
-        examples, offsets = task.text_examples([TextExample(t, None, "<request>", i + 1) for i, t in enumerate(texts)])
+        raw = [TextExample(t, None, "<request>", i + 1) if isinstance(t, str) else
+               TextExample(t[0], None, "<request>", i + 1, text_pair=t[1]) for i, t in enumerate(texts)]
+        examples, offsets = task.text_examples(raw)
         predictions = self.predictor.predict(examples, adapter=route.adapter, task=route.task,
                                              max_new_tokens=route.max_new_tokens)
         return list(task.records(task.labels, examples, predictions, offsets))
