@@ -1,5 +1,5 @@
-"""`tunelab export MODEL_DIR OUT --onnx`: an encoder model (NER, classification) as ONNX, checked against
-PyTorch before it is written.
+"""`tunelab export MODEL_DIR OUT --onnx`: a single-text encoder model (NER, classification, regression,
+multi-label, relation extraction) as ONNX, checked against PyTorch before it is written.
 
 The graph takes what tunelab's own batches hold, `input_ids` and `attention_mask` (int64, (batch, sequence),
 both axes dynamic), and returns `logits`: (batch, sequence, labels) for NER, (batch, labels) for
@@ -37,6 +37,14 @@ CHECK_TEXTS = [
     "The talks in Geneva ended without a deal , said a spokesman for the United Nations . " * 30,
 ]
 
+RELATION_CHECK_TEXTS = [  # relation extraction reads texts with the two mentions marked
+    "<e1:PER>Angela Merkel</e1> flew to <e2:LOC>Paris</e2> on Monday .",
+    "<e2:ORG>Siemens</e2> said <e1:PER>Peter Blackburn</e1> will lead its Munich unit .",
+    "<e1>Zürich</e1> and <e2>東京</e2> are cities ; 😀 is not .",
+    "The talks in Geneva ended without a deal , said a spokesman for the United Nations . " * 30 +
+    "<e1:ORG>EU</e1> rejects German call to boycott <e2:MISC>British</e2> lamb .",
+]
+
 
 def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | None = None,
                 atol: float = 1e-4, device: str = "cpu") -> dict:
@@ -57,13 +65,18 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
                            "classification) only: generating text needs a decoding loop with a key/value cache, "
                            "which one exported graph does not hold. Serve it with `tunelab serve` or load the "
                            "folder with transformers")
+    if t.describe().get("pairs"):
+        raise TunelabError(f"{model_dir}: a model of text pairs ({t.kind}); ONNX export covers single-text encoder "
+                           "models (NER, classification, regression, multi-label, relation extraction): its graph "
+                           "takes input_ids and attention_mask only, not the token_type_ids that mark a pair's "
+                           "second text. Serve it with `tunelab serve` or load the folder with transformers")
     if pred.meta.get("adapter") and pred.meta.get("tune") in ("prompt", "prefix"):
         raise TunelabError(f"{model_dir}: a {pred.meta['tune']}-tuning adapter cannot be merged into the weights, "
                            "so it has no plain model to export; train with tune.method lora, ia3 or full")
     model = pred.use(task=task)[1]
     plain = _plain_model(pred, model, task).to(pred.device)
 
-    texts = texts or CHECK_TEXTS
+    texts = texts or (RELATION_CHECK_TEXTS if t.kind == "relation" else CHECK_TEXTS)
     examples, _ = t.text_examples([TextExample(x, None, "<check>", i + 1) for i, x in enumerate(texts)])
     features = t.encode(examples, training=False)
     if len(features) < 2:
