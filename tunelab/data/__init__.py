@@ -28,8 +28,16 @@ def load_splits(data, task: str) -> Splits:
 
     if data.dataset:
         splits = load_builtin(data.dataset)
+        if not splits.train:
+            raise TunelabError(f"data.dataset={data.dataset} is a test set only; train on another set and evaluate "
+                               f"on it with `tunelab eval MODEL --data {data.dataset}`")
         if not isinstance(splits.train[0], task_type(task).example_type):
             raise TunelabError(f"data.dataset={data.dataset} is {task_of(splits.train[0]).noun} set, but task={task}")
+        pairs = getattr(splits.train[0], "text_pair", None) is not None
+        if pairs != (data.text_pair_field is not None):
+            raise TunelabError(f"data.dataset={data.dataset} is a set of " + (
+                "text pairs: set data.text_pair_field=text_pair (the model then reads pairs)" if pairs else
+                "single texts: leave data.text_pair_field unset"))
     else:
         kw = vars(Fields.of(data))
         splits = Splits(*(read_file(p, task, data.format, **kw) if p else [] for p in (data.train, data.dev, data.test)),

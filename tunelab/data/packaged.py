@@ -209,9 +209,19 @@ def chitchat() -> Splits:
                  f"80/10/10, seed {SPLIT_SEED}"})
 
 
+def _bigbench(name: str):
+    def load() -> Splits:
+        from tunelab.data import bigbench
+
+        return bigbench.squad_shift(name) if name in bigbench.SHIFTS else getattr(bigbench, name)()
+    return load
+
+
 BUILTIN = {"conll2003": conll2003, "msra": msra, "bbc_news": bbc_news, "chn_sentiment": chn_sentiment,
            "rt_sentiment": rt_sentiment, "bbc_headlines": bbc_headlines, "rt_prompts": rt_prompts,
-           "chitchat": chitchat}
+           "chitchat": chitchat} | {name: _bigbench(name) for name in (
+               "squad", "vitaminc", "xsum", "squad_shifts_wiki", "squad_shifts_nyt", "squad_shifts_reddit",
+               "squad_shifts_amazon")}
 
 
 def load_builtin(name: str) -> Splits:
