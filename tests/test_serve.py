@@ -244,7 +244,8 @@ def test_classification_probabilities_and_top_k(cls_model, loaded):
     labels = pred.meta["labels"]
     texts = ["The striker scored twice", "Shares fell 4 percent on Monday", "The new phone has a faster chip"]
     with live(pred) as srv:
-        assert srv.client.get("/v1/model").json()["tasks"] == {"classify": {"kind": "classify", "labels": labels}}
+        assert srv.client.get("/v1/model").json()["tasks"] == {"classify": {"kind": "classify", "labels": labels,
+                                                                               "pairs": False}}
         body = srv.predict({"texts": texts, "top_k": 2}).json()
         assert body["kind"] == "classify"
         same_records(body["results"], expected(pred, texts))

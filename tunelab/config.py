@@ -404,10 +404,6 @@ def _check_fields(obj, prefix: str, sources: dict):
 
 def _validate(cfg: RunConfig, sources: dict):
     _check_fields(cfg, "", sources)
-    for key in ("select_by", "num_beams"):
-        if getattr(cfg.data, key) != getattr(DataConfig, key) and cfg.task != "generate":
-            raise _fail(sources, f"data.{key}", f"config key 'data.{key}' is for task: generate (outputs decoded "
-                        f"from a language model), not task: {cfg.task}")
     for op, p in cfg.robust.augment.items():
         key = f"robust.augment.{op}"
         if op not in AUGMENTATIONS:

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from tunelab.data.examples import GenExample, QAExample, TextExample
+from tunelab.data.splits import SPLIT_SEED, Splits, grouped
 from tunelab.errors import TunelabError
 
 VERSION = "1.0.0"
@@ -35,7 +36,6 @@ FILES = {  # what is kept of the sdist (paths under TASKS)
     "squad_shifts/reddit_v1.0.json", "squad_shifts/amazon_reviews_v1.0.json",
     "vitaminc_fact_verification/task.json", "gem/xsum/task.json",
 }
-SPLIT_SEED = 13
 CANARY = "BIG-bench canary: keep out of pre-training corpora (fine-tuning and evaluation only)"
 
 
@@ -121,10 +121,8 @@ def squad():
     """SQuAD v1.1 dev (the 10,565 questions BIG-bench keeps), split by article 70/10/20 (seed 13). There is
     no SQuAD training set offline: models train on part of dev here, so scores are not comparable with
     SQuAD leaderboard numbers (trained on 87,599 training questions)."""
-    from tunelab.data.packaged import Splits, _grouped
-
     groups, moved = _squad_file("squaddev_v1.1.json")
-    train, dev, test = _grouped(groups, (0.7, 0.1, 0.2), SPLIT_SEED)
+    train, dev, test = grouped(groups, (0.7, 0.1, 0.2), SPLIT_SEED)
     return Splits(train, dev, test, {
         "name": "squad", "files": str(cache_dir() / "squad_shifts"), "note": CANARY, "answers_realigned": moved,
         "split": f"SQuAD v1.1 dev ({sum(map(len, groups.values())):,} questions, {len(groups)} articles), split "
@@ -138,8 +136,6 @@ SHIFTS = {"squad_shifts_wiki": "new_wiki_v1.0.json", "squad_shifts_nyt": "nyt_v1
 def squad_shift(name: str):
     """One SQuADShifts domain (Miller et al. 2020: new Wikipedia, New York Times, Reddit, Amazon reviews),
     a test set only: for a model trained on SQuAD (`tunelab eval MODEL --data squad_shifts_nyt`)."""
-    from tunelab.data.packaged import Splits
-
     groups, moved = _squad_file(SHIFTS[name])
     return Splits([], [], [q for g in groups.values() for q in g], {
         "name": name, "files": str(cache_dir() / "squad_shifts" / SHIFTS[name]), "note": CANARY,
@@ -154,8 +150,6 @@ def vitaminc():
     """VitaminC (Schuster et al. 2021), the 54,668 real-revision evidence/claim pairs BIG-bench ships: the
     evidence sentence (with its Wikipedia page title) as the text, the claim as the text pair; SUPPORTS /
     REFUTES / NOT ENOUGH INFO. Split by page 80/10/10 (seed 13): contrastive pairs of one page stay together."""
-    from tunelab.data.packaged import Splits, _grouped
-
     path = _file("vitaminc_fact_verification/task.json")
     examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
     groups, seen = {}, set()
@@ -171,7 +165,7 @@ def vitaminc():
         page = evidence.split(": ", 1)[0]
         groups.setdefault(page, []).append(TextExample(" ".join(evidence.split()), VITAMINC_LABELS[label[0]],
                                                        str(path), n, text_pair=" ".join(claim.split())))
-    train, dev, test = _grouped(groups, (0.8, 0.1, 0.1), SPLIT_SEED)
+    train, dev, test = grouped(groups, (0.8, 0.1, 0.1), SPLIT_SEED)
     return Splits(train, dev, test, {
         "name": "vitaminc", "files": str(path), "note": CANARY, "task": "evidence, claim -> SUPPORTS / REFUTES / "
         "NOT ENOUGH INFO", "split": f"{len(seen):,} unique pairs, {len(groups):,} pages, split by page 80/10/10, "
@@ -184,15 +178,13 @@ XSUM_PROMPT_WORDS = 200
 def xsum():
     """The 1,001 XSum test documents BIG-bench's GEM task ships (Narayan et al. 2018): the document's first
     XSUM_PROMPT_WORDS words -> its one-sentence summary; split 80/10/10 (seed 13)."""
-    from tunelab.data.packaged import Splits, _grouped
-
     path = _file("gem/xsum/task.json")
     groups = {}
     for n, ex in enumerate(json.loads(path.read_text(encoding="utf-8"))["examples"]):
         words = re.sub(r"\s+", " ", ex["input"]).split(" ")
         prompt = "Summarize in one sentence: " + " ".join(words[:XSUM_PROMPT_WORDS])
         groups[ex.get("comment", str(n))] = [GenExample(prompt, " ".join(ex["target"].split()), str(path), n)]
-    train, dev, test = _grouped(groups, (0.8, 0.1, 0.1), SPLIT_SEED)
+    train, dev, test = grouped(groups, (0.8, 0.1, 0.1), SPLIT_SEED)
     return Splits(train, dev, test, {
         "name": "xsum", "files": str(path), "note": CANARY,
         "task": f"document (first {XSUM_PROMPT_WORDS} words) -> one-sentence summary",

@@ -8,24 +8,12 @@ documented benchmark: change them and results stop being comparable.
 import bz2
 import csv
 import importlib.util
-import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.data.conll import read_conll
 from tunelab.data.examples import GenExample, TextExample
+from tunelab.data.splits import SPLIT_SEED, Splits, grouped, split_off, stratified
 from tunelab.errors import TunelabError
-
-SPLIT_SEED = 13
-
-
-@dataclass
-class Splits:
-    train: list
-    dev: list
-    test: list
-    about: dict = field(default_factory=dict)  # provenance shown in reports
-
 
 def package_dir(package: str, pip_name: str) -> Path:
     """Folder of an installed package, found without importing (running) it."""
@@ -53,7 +41,7 @@ def msra() -> Splits:
     for s in sentences:
         (train if chars < MSRA_TRAIN_CHARS else test).append(s)
         chars += len(s.words)
-    train, dev = _split_off(train, 0.05, SPLIT_SEED)
+    train, dev = split_off(train, 0.05, SPLIT_SEED)
     return Splits(train, dev, test, {
         "name": "msra", "files": str(path),
         "split": f"standard: first {MSRA_TRAIN_CHARS:,} characters train (5% of it held out as dev, seed "
@@ -75,7 +63,7 @@ def bbc_news() -> Splits:
                 continue
             seen.add(title)
             examples.append(TextExample(" ".join(text.split()), label, str(f), 1))
-    train, dev, test = _stratified(examples, (0.7, 0.15, 0.15), SPLIT_SEED)
+    train, dev, test = stratified(examples, (0.7, 0.15, 0.15), SPLIT_SEED)
     return Splits(train, dev, test, {
         "name": "bbc_news", "files": str(root),
         "split": f"duplicate titles removed, stratified 70/15/15, seed {SPLIT_SEED}",
@@ -94,7 +82,7 @@ def chn_sentiment() -> Splits:
     # Texts listed under both labels are contradictory: drop them rather than pick a side.
     examples = [TextExample(t, next(iter(where)), *next(iter(where.values())))
                 for t, where in texts.items() if len(where) == 1]
-    train, dev, test = _stratified(examples, (0.8, 0.1, 0.1), SPLIT_SEED)
+    train, dev, test = stratified(examples, (0.8, 0.1, 0.1), SPLIT_SEED)
     return Splits(train, dev, test, {
         "name": "chn_sentiment", "files": str(root),
         "split": f"deduplicated, texts in both classes dropped, stratified 80/10/10, seed {SPLIT_SEED}",
@@ -124,7 +112,7 @@ def rt_sentiment() -> Splits:
         if len(where) == 1:
             label, (movie, row_no) = next(iter(where.items()))
             by_movie.setdefault(movie, []).append(TextExample(t, label, str(path), row_no))
-    train, dev, test = _grouped(by_movie, (0.8, 0.1, 0.1), SPLIT_SEED)
+    train, dev, test = grouped(by_movie, (0.8, 0.1, 0.1), SPLIT_SEED)
     return Splits(train, dev, test, {
         "name": "rt_sentiment", "files": str(path),
         "split": f"deduplicated, texts in both classes dropped, by movie (none in two splits) 80/10/10 of the "
@@ -202,7 +190,7 @@ def chitchat() -> Splits:
             seen.add((prev, reply))
             # `line` is the turn's index in the conversation (the file is one JSON object).
             by_dialogue.setdefault(conv_id, []).append(GenExample(f"Message: {prev}", reply, f"{path}#{conv_id}", i))
-    train, dev, test = _grouped(by_dialogue, (0.8, 0.1, 0.1), SPLIT_SEED)
+    train, dev, test = grouped(by_dialogue, (0.8, 0.1, 0.1), SPLIT_SEED)
     return Splits(train, dev, test, {
         "name": "chitchat", "files": str(path), "task": "a dialogue turn -> the reply",
         "split": f"turn/reply pairs of up to {CHITCHAT_MAX_WORDS} words, duplicates removed, by conversation "
@@ -229,48 +217,3 @@ def load_builtin(name: str) -> Splits:
         raise TunelabError(f"unknown data set {name!r}; built-in sets: {', '.join(BUILTIN)} "
                            "(or give data.train/dev/test file paths)")
     return BUILTIN[name]()
-
-
-def _split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    idx = list(range(len(items)))
-    random.Random(seed).shuffle(idx)
-    held = set(idx[: round(len(items) * fraction)])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def _stratified(examples: list[TextExample], fractions, seed: int) -> tuple[list, list, list]:
-    rng = random.Random(seed)
-    parts = ([], [], [])
-    by_label = {}
-    for ex in examples:
-        by_label.setdefault(ex.label, []).append(ex)
-    for label in sorted(by_label):
-        group = by_label[label]
-        rng.shuffle(group)
-        n_train = round(len(group) * fractions[0])
-        n_dev = round(len(group) * fractions[1])
-        parts[0].extend(group[:n_train])
-        parts[1].extend(group[n_train:n_train + n_dev])
-        parts[2].extend(group[n_train + n_dev:])
-    # Interleave the classes, so that the first N examples (data.max_train_examples) are a fair sample.
-    for part in parts:
-        rng.shuffle(part)
-    return parts
-
-
-def _grouped(groups: dict[str, list], fractions, seed: int) -> tuple[list, list, list]:
-    """Whole groups (e.g. all snippets of one movie) go to one split: groups are taken in a seeded order and
-    fill train, then dev, then test, until each split holds about its fraction of the items."""
-    rng = random.Random(seed)
-    names = sorted(groups)
-    rng.shuffle(names)
-    total = sum(len(g) for g in groups.values())
-    parts, taken = ([], [], []), 0
-    for name in names:
-        i = 0 if taken < fractions[0] * total else 1 if taken < (fractions[0] + fractions[1]) * total else 2
-        parts[i].extend(groups[name])
-        taken += len(groups[name])
-    # Mix the groups, so that the first N examples (data.max_train_examples) are a fair sample.
-    for part in parts:
-        rng.shuffle(part)
-    return parts

@@ -232,20 +232,22 @@ def parse_predict(body: bytes, content_type: str | None, service: ModelService, 
         if req.max_new_tokens > task.new_tokens_bound:
             raise ApiError(422, f"max_new_tokens is {req.max_new_tokens}; this model allows at most "
                                 f"{task.new_tokens_bound}", "max_new_tokens")
-    wants = task.describe().get("pairs", False)
+    wants = getattr(task, "pairs", False)  # (a task that reads two texts per input says so)
     if wants and req.text_pairs is None:
-        raise ApiError(422, f"task {name!r} ({task.kind}) reads " + ("a question and its context: give the "
-                       "contexts as text_pairs" if task.kind == "qa" else "text pairs: give the second texts as "
-                       "text_pairs"), "text_pairs")
+        raise ApiError(422, f"task {name!r} ({task.kind}) reads two texts per input: give the second ones (text "
+                            "pairs' second texts, QA's contexts) as text_pairs", "text_pairs")
     if not wants and req.text_pairs is not None:
         raise ApiError(422, f"task {name!r} ({task.kind}) reads single texts; leave text_pairs out", "text_pairs")
     items = req.texts if req.text_pairs is None else list(zip(req.texts, req.text_pairs))
-    if task.kind == "relation":  # the marks must be there: a malformed text is the request's mistake, not a 500
+    if hasattr(task, "text_examples"):
+        # what the task reads of a raw text must be there (relation extraction's <e1>/<e2> marks): a malformed
+        # text is the request's mistake (422 naming it), not a failed batch
         from tunelab.errors import TunelabError
 
-        for i, text in enumerate(req.texts):
+        for i, item in enumerate(items):
+            text, pair = (item, None) if isinstance(item, str) else item
             try:
-                task.text_examples([TextExample(text, None, "<request>", i + 1)])
+                task.text_examples([TextExample(text, None, "<request>", i + 1, text_pair=pair)])
             except TunelabError as e:
                 raise ApiError(422, str(e).split(": ", 1)[-1], f"texts[{i}]") from None
     return Request(items, name, task.kind, route, req.top_k)

@@ -14,8 +14,7 @@ import numpy as np
 
 from tunelab.data.examples import MultiLabelText
 from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, no_samples,
-                                  pad_id, pair_option, percent, predict_by_logits, predictions_as_given,
-                                  set_labels)
+                                  pad_id, pair_option, percent, predict_by_logits, set_labels)
 
 
 class MultiLabelTask:

@@ -40,6 +40,7 @@ class QATask:
     donor_rank = 1
     decoder_only = False
     labels: list[str] = []
+    pairs = True  # a question and its context
 
     def __init__(self, tokenizer, max_length: int, doc_stride: int = 128, max_answer_length: int = 30,
                  no_answer: bool = False):
@@ -69,11 +70,12 @@ class QATask:
         (None outside it)."""
         self.truncated = 0
         questions = [self._question(e.question) for e in examples]
-        room = self.max_length - MAX_QUESTION - 3
-        if room < 16 or self.doc_stride >= room:
-            raise TunelabError(f"model.max_length={self.max_length} leaves {room} context tokens a window; "
-                               f"data.doc_stride ({self.doc_stride}) must be smaller than that (and max_length at "
-                               f"least {MAX_QUESTION + 19})")
+        longest = max(len(ids) for ids in self.tokenizer(questions, add_special_tokens=False)["input_ids"])
+        room = self.max_length - longest - 3  # ([CLS] question [SEP] context [SEP])
+        if self.doc_stride >= room:
+            raise TunelabError(f"model.max_length={self.max_length} leaves {room} context tokens a window beside "
+                               f"a question of {longest} tokens; data.doc_stride ({self.doc_stride}) must be smaller "
+                               "than that: lower data.doc_stride or raise model.max_length")
         types = "token_type_ids" in self.tokenizer.model_input_names
         enc = self.tokenizer(questions, [e.context for e in examples], truncation="only_second",
                              max_length=self.max_length, stride=self.doc_stride, return_overflowing_tokens=True,
