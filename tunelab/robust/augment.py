@@ -23,7 +23,7 @@ import random
 import re
 from dataclasses import replace
 
-from tunelab.data.examples import Sentence, TextExample
+from tunelab.data.examples import MultiLabelText, ScoredText, Sentence, TextExample
 
 # QWERTY neighbours of each lower-case key (same row and the rows above/below): realistic slips of a finger.
 _ROWS = ("1234567890", "qwertyuiop", "asdfghjkl", "zxcvbnm")
@@ -315,6 +315,12 @@ def mention_replace(sentence: Sentence, rng: random.Random, intensity: float,
 
 def augment(example, ops, rng: random.Random):
     """Apply ops = [(op, p, intensity), ...] in order, each with probability p (one rng.random() per op)."""
+    if not isinstance(example, (Sentence, TextExample, ScoredText, MultiLabelText)):
+        from tunelab.errors import TunelabError
+
+        raise TunelabError(f"data augmentation rewrites the words of texts and NER sentences; {type(example).__name__} "
+                           "examples (extractive QA, relation extraction) hold character offsets into their text "
+                           "that it would break: leave robust.augment and --perturb unset for them")
     for op, p, intensity in ops:
         if rng.random() < p:
             example = op(example, rng, intensity)

@@ -37,7 +37,7 @@ class QATask:
     score_name = "F1"
     curve_title = "dev F1 (SQuAD)"
     new_tokens_bound = None
-    donor_rank = 1
+    donor_rank = 2  # (BERT's QA model has no pooler: a sequence classifier's backbone is the one to share)
     decoder_only = False
     labels: list[str] = []
     pairs = True  # a question and its context
@@ -55,7 +55,6 @@ class QATask:
         self.no_answer = no_answer
         self.pad = pad_id(tokenizer)
         self.truncated = 0  # questions cut to MAX_QUESTION tokens, in the last encode() call
-        self.question_first = tokenizer.padding_side == "right"  # (left-padding tokenizers put the context first)
 
     def _question(self, text: str) -> str:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
