@@ -90,13 +90,14 @@ def check_known_labels(examples: list, labels: list[str], problem: str) -> None:
 
 def from_records(records: list, task: str) -> list:
     """In-memory data: NER records {"tokens": [...], "tags": [...]} (or (tokens, tags) pairs), classification
-    records {"text": ..., "label": ...} (or (text, label) pairs), generation records {"prompt": ..., "target":
-    ...} (or (prompt, target) pairs); examples are kept as they are."""
+    records {"text": ..., "label": ...} (with "text_pair" for pairs; or (text, label) pairs), generation records
+    {"prompt": ..., "target": ...}, regression {"text", "score"}, multi-label {"text", "labels": [...]}, QA
+    {"question", "context", "answers"}, relations {"text", "head", "tail", "label"} (each task type's
+    from_record says); examples are kept as they are."""
     from tunelab.tasks import task_type
 
     kind = task_type(task)
-    return [r if isinstance(r, (Sentence, TextExample, GenExample)) else kind.from_record(r, i)
-            for i, r in enumerate(records)]
+    return [r if isinstance(r, kind.example_type) else kind.from_record(r, i) for i, r in enumerate(records)]
 
 
 def from_hf_dataset(ds, task: str, tokens_field="tokens", tags_field="ner_tags", text_field="text",

@@ -123,7 +123,8 @@ class Task(Protocol):
 
     def predict(self, model, examples: list, device, bf16=False, batch_size=64, desc=None, max_new_tokens=None,
                 dist=None) -> list:
-        """Per example: NER (tags, scores), classification (label, probabilities), generation: output text."""
+        """Per example: NER (tags, scores), classification and relations (label, probabilities), multi-label
+        (labels, probabilities), regression a value, QA (answer, start, end, score), generation output text."""
 
     def evaluate(self, model, examples: list, device, bf16=False, batch_size=64, desc=None, dist=None,
                  predictions=None) -> dict:

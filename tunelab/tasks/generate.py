@@ -275,7 +275,9 @@ class GenerateTask:
 
     @staticmethod
     def format_main(m: dict) -> str:
-        return f"{m[m['selected_by']]:.2f} {m['selected_by']}" if "selected_by" in m else f"{m['loss']:.4f}"
+        # (reports write "loss " before this: main_name)
+        selection = f" (selected by {m['selected_by']}: {m[m['selected_by']]:.2f})" if "selected_by" in m else ""
+        return f"{m['loss']:.4f}{selection}"
 
     @staticmethod
     def score(m: dict) -> float:
