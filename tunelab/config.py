@@ -70,7 +70,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # a built-in set (conll2003, msra, bbc_news, chn_sentiment, rt_sentiment, bbc_headlines); unset: the files below
+    # a built-in set (conll2003, msra, bbc_news, chn_sentiment, rt_sentiment, bbc_headlines, rt_prompts, chitchat,
+    # ecommerce_dialogue, squad, squad_shifts_*, vitaminc, xsum: tunelab.data.packaged.BUILTIN); unset: the files below
     dataset: str | None = None
     train: str | None = None
     dev: str | None = None
