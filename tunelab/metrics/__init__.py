@@ -79,9 +79,10 @@ def multilabel_metrics(gold: list[list[str]], probs, labels: list[str], threshol
     best = max(THRESHOLDS, key=lambda t: (scores[t], -abs(t - 0.5)))  # ties: the one nearest 0.5
     pred = (probs >= threshold).astype(int)
     p, r, f, s = precision_recall_fscore_support(y, pred, zero_division=0)
+    at_threshold = float(micro(threshold))
     return {
-        "main": float(f1_score(y, pred, average="micro", zero_division=0)),
-        "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
+        "main": at_threshold,
+        "micro_f1": at_threshold,
         "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
         "subset_accuracy": float((pred == y).all(axis=1).mean()),
         "threshold": threshold, "best_threshold": best, "best_threshold_micro_f1": float(scores[best]),

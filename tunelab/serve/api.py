@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from tunelab.data.examples import TextExample
 from tunelab.data.readers import CONTROL_RANGES, control_character
-from tunelab.serve.model import ModelService, Route
+from tunelab.serve.model import ModelService, Route, raw_examples
 
 
 @dataclass(frozen=True)
@@ -244,12 +243,16 @@ def parse_predict(body: bytes, content_type: str | None, service: ModelService, 
         # text is the request's mistake (422 naming it), not a failed batch
         from tunelab.errors import TunelabError
 
-        for i, item in enumerate(items):
-            text, pair = (item, None) if isinstance(item, str) else item
-            try:
-                task.text_examples([TextExample(text, None, "<request>", i + 1, text_pair=pair)])
-            except TunelabError as e:
-                raise ApiError(422, str(e).split(": ", 1)[-1], f"texts[{i}]") from None
+        raw = raw_examples(items)
+        try:
+            task.text_examples(raw)
+        except TunelabError:  # (the whole request in one call; the texts one by one only to name the bad one)
+            for i, r in enumerate(raw):
+                try:
+                    task.text_examples([r])
+                except TunelabError as e:
+                    raise ApiError(422, str(e).split(": ", 1)[-1], f"texts[{i}]") from None
+            raise
     return Request(items, name, task.kind, route, req.top_k)
 
 

@@ -11,6 +11,12 @@ from tunelab.data.examples import TextExample
 from tunelab.predict import Predictor
 
 
+def raw_examples(texts: list) -> list[TextExample]:
+    """A request's texts (each a text or a (text, text_pair) pair) as raw inputs, numbered from 1."""
+    return [TextExample(t, None, "<request>", i + 1) if isinstance(t, str) else
+            TextExample(t[0], None, "<request>", i + 1, text_pair=t[1]) for i, t in enumerate(texts)]
+
+
 @dataclass(frozen=True)
 class Route:
     """What one forward pass serves: requests are batched together only when their routes are equal."""
@@ -59,9 +65,7 @@ class ModelService:
         """One forward pass over `texts`, each a text or a (text, text_pair) pair (called on the model thread
         only). Returns one record each."""
         task = self.task_for(route)
-        raw = [TextExample(t, None, "<request>", i + 1) if isinstance(t, str) else
-               TextExample(t[0], None, "<request>", i + 1, text_pair=t[1]) for i, t in enumerate(texts)]
-        examples, offsets = task.text_examples(raw)
+        examples, offsets = task.text_examples(raw_examples(texts))
         predictions = self.predictor.predict(examples, adapter=route.adapter, task=route.task,
                                              max_new_tokens=route.max_new_tokens)
         return list(task.records(task.labels, examples, predictions, offsets))

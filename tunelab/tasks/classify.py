@@ -11,7 +11,7 @@ import numpy as np
 from tunelab.data.examples import TextExample
 from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, no_decision_to_settle,
                                   no_samples, nothing_to_fill, pad_id, pair_option, percent, predict_by_logits,
-                                  predictions_as_given, set_labels)
+                                  predictions_as_given, sequence_classifier, sequence_classifier_peft, set_labels)
 
 
 class ClassifyTask:
@@ -127,17 +127,8 @@ class ClassifyTask:
     restrict_predictions = staticmethod(predictions_as_given)
     settle = no_decision_to_settle
 
-    @staticmethod
-    def model_class(config):
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification
-
-    @staticmethod
-    def peft_type(config):
-        import peft
-
-        return peft.TaskType.SEQ_CLS
+    model_class = staticmethod(sequence_classifier)
+    peft_type = staticmethod(sequence_classifier_peft)
 
     configure = staticmethod(set_labels)
 

@@ -176,3 +176,39 @@ def predictions_as_given(predictions: list, labels: list[str]) -> list:
 
 def no_decision_to_settle(task, dev_metrics: dict) -> None:
     """settle() of the task types whose decision rule has no setting to take from dev (argmax, spans)."""
+
+
+# The task types whose head is transformers' sequence classifier (classification, pairs, regression,
+# multi-label, relations): one model class and peft task type.
+
+def sequence_classifier(config):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification
+
+
+def sequence_classifier_peft(config):
+    import peft
+
+    return peft.TaskType.SEQ_CLS
+
+
+# The task types whose data has no labels (generation: references; regression: scores; QA: answer spans).
+
+def no_labels(train: list) -> list[str]:
+    """label_list / gold of a task type without labels: none to collect or check."""
+    return []
+
+
+def all_examples(examples: list, keep: list[str]) -> list:
+    """keep_labels of a task type without labels: every example stays."""
+    return examples
+
+
+def refuse_only_labels(what: str):
+    """check_kept_labels of a task type without labels: data.only_labels is a mistake there."""
+    def check_kept_labels(train: list, keep: list[str]) -> None:
+        from tunelab.errors import TunelabError
+
+        raise TunelabError(f"data.only_labels: {what}, not labels; leave it unset")
+    return staticmethod(check_kept_labels)

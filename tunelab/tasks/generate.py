@@ -17,7 +17,8 @@ tokens at most unless the call asks for fewer (`max_new_tokens`, e.g. per reques
 import math
 
 from tunelab.data.examples import GenExample, TextExample
-from tunelab.tasks.common import nothing_to_fill, predictions_as_given, special_tokens
+from tunelab.tasks.common import (all_examples, no_labels, nothing_to_fill, predictions_as_given, refuse_only_labels,
+                                  special_tokens)
 
 # torch (and what imports it) is imported where it is used: the task registry, and so config validation,
 # loads without it.
@@ -215,23 +216,9 @@ class GenerateTask:
         require_columns(ds, [f.prompt_field, f.target_field])
         return [{"prompt": r[f.prompt_field], "target": r[f.target_field]} for r in ds]
 
-    @staticmethod
-    def label_list(train: list) -> list[str]:
-        return []  # references, not labels
-
-    @staticmethod
-    def gold(example) -> list:
-        return []
-
-    @staticmethod
-    def check_kept_labels(train: list, keep: list[str]) -> None:
-        from tunelab.errors import TunelabError
-
-        raise TunelabError("data.only_labels: generation data has references, not labels; leave it unset")
-
-    @staticmethod
-    def keep_labels(examples: list, keep: list[str]) -> list:
-        return examples
+    label_list = gold = staticmethod(no_labels)  # references, not labels
+    check_kept_labels = refuse_only_labels("generation data has references")
+    keep_labels = staticmethod(all_examples)
 
     merge_predictions = staticmethod(nothing_to_fill)
     restrict_predictions = staticmethod(predictions_as_given)

@@ -13,8 +13,9 @@ micro-F1 at the threshold in force; macro-F1, subset accuracy and a per-label re
 import numpy as np
 
 from tunelab.data.examples import MultiLabelText
-from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, no_samples,
-                                  pad_id, pair_option, percent, predict_by_logits, set_labels)
+from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, no_samples, pad_id,
+                                  pair_option, percent, predict_by_logits, sequence_classifier,
+                                  sequence_classifier_peft, set_labels)
 
 
 class MultiLabelTask:
@@ -173,17 +174,8 @@ class MultiLabelTask:
         known = set(labels)
         return [([x for x in got if x in known], probs) for got, probs in predictions]
 
-    @staticmethod
-    def model_class(config):
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification
-
-    @staticmethod
-    def peft_type(config):
-        import peft
-
-        return peft.TaskType.SEQ_CLS
+    model_class = staticmethod(sequence_classifier)
+    peft_type = staticmethod(sequence_classifier_peft)
 
     @staticmethod
     def configure(config, labels) -> None:

@@ -18,8 +18,9 @@ import numpy as np
 
 from tunelab.data.examples import QAExample
 from tunelab.errors import TunelabError
-from tunelab.tasks.common import (as_is, main_score, no_decision_to_settle, no_samples,
-                                  nothing_to_fill, pad_id, percent, predict_by_logits, predictions_as_given)
+from tunelab.tasks.common import (all_examples, as_is, main_score, no_decision_to_settle, no_labels, no_samples,
+                                  nothing_to_fill, pad_id, percent, predict_by_logits, predictions_as_given,
+                                  refuse_only_labels)
 
 N_BEST = 20  # start and end candidates per window (as the SQuAD scripts take them)
 MAX_QUESTION = 64  # question tokens kept (longer questions are cut), so that the context keeps its room
@@ -56,20 +57,24 @@ class QATask:
         self.pad = pad_id(tokenizer)
         self.truncated = 0  # questions cut to MAX_QUESTION tokens, in the last encode() call
 
-    def _question(self, text: str) -> str:
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if len(enc["input_ids"]) <= MAX_QUESTION:
-            return text
-        self.truncated += 1
-        return text[: enc["offset_mapping"][MAX_QUESTION - 1][1]]
+    def _questions(self, examples: list[QAExample]) -> tuple[list[str], int]:
+        """The questions, each cut to its first MAX_QUESTION tokens, and the most tokens one keeps."""
+        enc = self.tokenizer([e.question for e in examples], add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for e, ids, offsets in zip(examples, enc["input_ids"], enc["offset_mapping"]):
+            if len(ids) > MAX_QUESTION:
+                self.truncated += 1
+                out.append(e.question[: offsets[MAX_QUESTION - 1][1]])
+            else:
+                out.append(e.question)
+        return out, min(MAX_QUESTION, max(map(len, enc["input_ids"])))
 
     def encode(self, examples: list[QAExample], training: bool) -> list[dict]:
         """Windows: input_ids (token_type_ids), start/end_positions (0 = [CLS] when the window holds no gold
         answer, or unlabelled), and for decoding the example, each token's character span in the context
         (None outside it)."""
         self.truncated = 0
-        questions = [self._question(e.question) for e in examples]
-        longest = max(len(ids) for ids in self.tokenizer(questions, add_special_tokens=False)["input_ids"])
+        questions, longest = self._questions(examples)
         room = self.max_length - longest - 3  # ([CLS] question [SEP] context [SEP])
         if self.doc_stride >= room:
             raise TunelabError(f"model.max_length={self.max_length} leaves {room} context tokens a window beside "
@@ -185,21 +190,9 @@ class QATask:
         require_columns(ds, ["question", "context", "answers"])
         return [{k: r[k] for k in ("id", "question", "context", "answers") if k in r} for r in ds]
 
-    @staticmethod
-    def label_list(train: list) -> list[str]:
-        return []  # spans, not labels
-
-    @staticmethod
-    def gold(example) -> list:
-        return []
-
-    @staticmethod
-    def check_kept_labels(train: list, keep: list[str]) -> None:
-        raise TunelabError("data.only_labels: QA data has answer spans, not labels; leave it unset")
-
-    @staticmethod
-    def keep_labels(examples: list, keep: list[str]) -> list:
-        return examples
+    label_list = gold = staticmethod(no_labels)  # spans, not labels
+    check_kept_labels = refuse_only_labels("QA data has answer spans")
+    keep_labels = staticmethod(all_examples)
 
     merge_predictions = staticmethod(nothing_to_fill)
     restrict_predictions = staticmethod(predictions_as_given)

@@ -6,8 +6,10 @@ and MAE are reported beside it.
 """
 
 from tunelab.data.examples import ScoredText
-from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, no_decision_to_settle, no_samples,
-                                  nothing_to_fill, pad_id, pair_option, predict_by_logits, predictions_as_given)
+from tunelab.tasks.common import (all_examples, as_is, encode_texts, evaluate_by_predictions, no_decision_to_settle,
+                                  no_labels, no_samples, nothing_to_fill, pad_id, pair_option, predict_by_logits,
+                                  predictions_as_given, refuse_only_labels, sequence_classifier,
+                                  sequence_classifier_peft)
 
 
 class RegressTask:
@@ -114,39 +116,16 @@ class RegressTask:
         return [{"text": r[f.text_field], "score": r[f.label_field]}
                 | ({"text_pair": r[f.text_pair_field]} if f.text_pair_field else {}) for r in ds]
 
-    @staticmethod
-    def label_list(train: list) -> list[str]:
-        return []  # a value, not labels
-
-    @staticmethod
-    def gold(example) -> list:
-        return []
-
-    @staticmethod
-    def check_kept_labels(train: list, keep: list[str]) -> None:
-        from tunelab.errors import TunelabError
-
-        raise TunelabError("data.only_labels: regression data has scores, not labels; leave it unset")
-
-    @staticmethod
-    def keep_labels(examples: list, keep: list[str]) -> list:
-        return examples
+    label_list = gold = staticmethod(no_labels)  # a value, not labels
+    check_kept_labels = refuse_only_labels("regression data has scores")
+    keep_labels = staticmethod(all_examples)
 
     merge_predictions = staticmethod(nothing_to_fill)
     restrict_predictions = staticmethod(predictions_as_given)
     settle = no_decision_to_settle
 
-    @staticmethod
-    def model_class(config):
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification
-
-    @staticmethod
-    def peft_type(config):
-        import peft
-
-        return peft.TaskType.SEQ_CLS
+    model_class = staticmethod(sequence_classifier)
+    peft_type = staticmethod(sequence_classifier_peft)
 
     @staticmethod
     def configure(config, labels) -> None:

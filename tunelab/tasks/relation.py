@@ -70,19 +70,18 @@ class RelationTask(ClassifyTask):
 
     def marked(self, examples: list[RelationExample]) -> list[TextExample]:
         """The examples as marked texts that fit max_length (cropped around the mentions where needed)."""
-        out = []
-        for e in examples:
-            text = mark(e)[0]
-            if len(self.tokenizer(text)["input_ids"]) > self.max_length:
+        texts = [mark(e)[0] for e in examples]
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]  # (one batched call for them all)
+        for i, e in enumerate(examples):
+            if lengths[i] > self.max_length:  # halve the context around the mentions until it fits
                 keep = len(e.text)
                 while keep > 0:
                     keep //= 2
-                    text = mark(crop(e, keep))[0]
-                    if len(self.tokenizer(text)["input_ids"]) <= self.max_length:
+                    texts[i] = mark(crop(e, keep))[0]
+                    if len(self.tokenizer(texts[i])["input_ids"]) <= self.max_length:
                         break
                 self.cropped += 1
-            out.append(TextExample(text, e.label, e.source, e.line))
-        return out
+        return [TextExample(text, e.label, e.source, e.line) for text, e in zip(texts, examples)]
 
     def encode(self, examples: list[RelationExample], training: bool) -> list[dict]:
         self.cropped = 0
@@ -156,11 +155,6 @@ class RelationTask(ClassifyTask):
         names = getattr(ds.features[f.label_field], "names", None)
         return [{"text": r[f.text_field], "head": r["head"], "tail": r["tail"],
                  "label": names[r[f.label_field]] if names else r[f.label_field]} for r in ds]
-
-    @staticmethod
-    def keep_labels(examples: list, keep: list[str]) -> list:
-        keep = set(keep)
-        return [e for e in examples if e.label in keep]
 
     @staticmethod
     def options(data, model_config) -> dict:
