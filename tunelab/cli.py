@@ -194,10 +194,38 @@ def _file_options(p) -> None:
     p.add_argument("--target-field", default="target")
     p.add_argument("--tag-column", type=int, default=-1)
     p.add_argument("--tag-scheme", default="iob2", choices=tags.SCHEMES)
+    p.add_argument("--template", help="zero-shot prompting of an untuned causal LM (MODEL_DIR: a folder or packaged "
+                                      "name, e.g. SmolLM2-135M-Instruct): the prompt, with {text} (and "
+                                      "{text_pair}) to fill in; needs --labels")
+    p.add_argument("--labels", metavar="LABEL[=WORD|WORD...],...",
+                   help="--template: the labels and the words that say each (e.g. pos=great|good,neg=bad); a label "
+                        "without words is said by its own name")
+    p.add_argument("--calibrate", action="store_true", help="--template: contextual calibration against "
+                                                             "content-free inputs (N/A, '', [MASK])")
+    p.add_argument("--chat", action="store_true", help="--template: ask in the tokenizer's chat template")
+    p.add_argument("--max-length", type=int, default=512, help="--template: tokens per prompt (default: "
+                                                               "%(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast, as the recipes train and evaluate (faster "
                                                         "on CPUs with bf16 instructions)")
+
+
+def _predictor(args):
+    """The model folder's Predictor, or with --template an untuned causal LM asked zero-shot."""
+    from tunelab.predict import Predictor
+
+    if args.labels and not args.template:
+        raise TunelabError("--labels goes with --template (zero-shot prompting); a trained folder has its labels")
+    if not args.template:
+        return Predictor(args.model_dir, args.device, args.batch_size, args.bf16)
+    from tunelab.tasks.prompt import zero_shot_meta
+
+    if not args.labels:
+        raise TunelabError("--template needs --labels (e.g. --labels positive=great|good,negative=bad)")
+    meta = zero_shot_meta(args.template, args.labels, args.max_length, pairs=bool(args.text_pair_field),
+                          calibrate=args.calibrate, chat=args.chat)
+    return Predictor(args.model_dir, args.device, args.batch_size, args.bf16, meta=meta)
 
 
 def _pair_field(args, task) -> str | None:
@@ -265,14 +293,13 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from tunelab.data import check_known_labels, load_builtin
     from tunelab.io import atomic_write_json
-    from tunelab.predict import Predictor
     from tunelab.report import metrics_table
 
     if not args.perturb and (args.plot or args.report):
         raise TunelabError("--plot and --report show a robustness evaluation: add --perturb OP=P,... (e.g. "
                            "--perturb char_noise=0.05)")
     spec = _perturb_spec(args) if args.perturb else None  # a mistake in it stops the run before any work
-    pred = Predictor(args.model_dir, args.device, args.batch_size, args.bf16)
+    pred = _predictor(args)
     task = pred.task_for(task=args.task)
     name, _, split = args.data.partition(":")
     if not Path(args.data).exists() and (split or name in _builtin_names()):
@@ -409,7 +436,6 @@ def _builtin_names():
 def cmd_predict(args) -> int:
     from tunelab.data import TextExample
     from tunelab.data.stream import input_format, stream_inputs
-    from tunelab.predict import Predictor
     from tunelab.predict_file import predict_file
 
     path = Path(args.input)
@@ -417,7 +443,7 @@ def cmd_predict(args) -> int:
             ("/" in args.input or path.suffix in (".txt", ".conll", ".jsonl", ".csv")):
         raise TunelabError(f"{args.input}: no such file (to predict on literal text, quote a sentence)")
     fmt = input_format(path, args.format) if path.is_file() else None  # (before the model loads: fail fast)
-    pred = Predictor(args.model_dir, args.device, args.batch_size, args.bf16)
+    pred = _predictor(args)
     task = pred.task_for(task=args.task)
     pair_field = _pair_field(args, task)
 

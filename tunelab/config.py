@@ -69,6 +69,26 @@ class ModelConfig:
 
 
 @dataclass
+class PromptConfig:
+    """task: prompt (tunelab.tasks.prompt): classification by a causal LM's next words."""
+    template: str = "{text}\nAnswer:"  # {text} (and {text_pair} for pairs) are filled in; a label's word follows
+    # label -> its words (a label is said if any of them is; the first one answers in demonstrations); a label
+    # left out is its own name
+    verbalizer: dict[str, list[str]] = field(default_factory=dict)
+    chat: bool = False  # the filled template as the user's turn of the tokenizer's chat template
+    normalize: bool = True  # a word of several tokens scores its mean token log-probability, not the sum
+    calibrate: bool = False  # contextual calibration (Zhao et al. 2021) against the content-free inputs
+    content_free: list[str] = field(default_factory=lambda: ["N/A", "", "[MASK]"])
+    shots: int = ranged(0, ge=0)  # in-context demonstrations (from the training split) before each input
+    # random: one seeded draw shown before every input | similar: the nearest by the retriever, most similar last
+    select: str = choice("random", ("random", "similar"))
+    retriever: str = "all-MiniLM-L6-v2"  # select=similar: the sentence encoder (mean-pooled) that finds them
+    demo_tokens: int = ranged(96, gt=0)  # each demonstration's text keeps at most this many tokens
+    pool: int = ranged(512, gt=0)  # demonstration candidates kept (a seeded draw of the training split, saved)
+    seed: int = 0  # the draws above
+
+
+@dataclass
 class DataConfig:
     # a built-in set (conll2003, msra, bbc_news, chn_sentiment, rt_sentiment, bbc_headlines, rt_prompts, chitchat,
     # ecommerce_dialogue, squad, squad_shifts_*, vitaminc, xsum: tunelab.data.packaged.BUILTIN); unset: the files below
@@ -106,11 +126,15 @@ class DataConfig:
     skip_train_examples: int = ranged(0, ge=0)  # leave out the first N (with max_train_examples: a window)
     only_labels: list[str] | None = None  # keep these labels (NER: entity types; others become O) and drop the rest
     max_eval_examples: int | None = ranged(None, ge=1)  # first N dev examples
+    # few-shot: a seeded draw of N training examples per label (one-label task types), with sample_seed
+    per_label: int | None = ranged(None, ge=1)
+    sample_seed: int = 0
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # task: prompt
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = ranged(3.0, gt=0)
+    epochs: float = ranged(3.0, ge=0)  # 0: no training (the model as it is: zero-shot prompting, a baseline)
     # at most this many optimizer steps (the schedule ends there too); 0 = what epochs give
     max_steps: int = ranged(0, ge=0)
     batch_size: int = ranged(32, gt=0)
@@ -420,6 +444,9 @@ def _validate(cfg: RunConfig, sources: dict):
     if cfg.experiences and cfg.task != "continual":
         raise _fail(sources, "experiences", "config key 'experiences' is for task: continual; set task=continual "
                     "or remove 'experiences'")
+    if cfg.train.epochs == 0 and cfg.task in ("multitask", "continual", "rl"):
+        raise _fail(sources, "train.epochs", f"config key 'train.epochs': 0 (no training) is for a single task's "
+                    f"run, where it evaluates the model as it is; task={cfg.task} trains by its own steps")
     if cfg.task == "multitask":
         _validate_multitask(cfg, sources)
     elif cfg.task == "rl":

@@ -50,13 +50,15 @@ class Predictor:
     `predict(..., adapter=name)`, without reloading the base. Each adapter keeps its own head and labels.
     """
 
-    def __init__(self, model_dir, device="auto", batch_size=64, bf16: bool = False):
+    def __init__(self, model_dir, device="auto", batch_size=64, bf16: bool = False, meta: dict | None = None):
         """`bf16`: run the model under bf16 autocast, as the shipped recipes train and evaluate (about twice
-        the speed on CPUs with bf16 instructions; logits differ from float32 in the second or third digit)."""
-        from tunelab.models import require_weights
+        the speed on CPUs with bf16 instructions; logits differ from float32 in the second or third digit).
+        `meta`: the task to use the model for, in place of a tunelab.json (an untuned model asked zero-shot:
+        tunelab.tasks.prompt.zero_shot_meta); model_dir may then also be a packaged model's name."""
+        from tunelab.models import require_weights, resolve_model_path
 
-        self.dir = Path(model_dir)
-        self.meta = read_meta(self.dir)
+        self.dir = resolve_model_path(str(model_dir)) if meta is not None else Path(model_dir)
+        self.meta = meta if meta is not None else read_meta(self.dir)
         require_weights(self.dir, adapter=bool(self.meta.get("adapter")))
         self.device = pick_device(device)
         self.batch_size = batch_size

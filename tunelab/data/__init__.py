@@ -48,6 +48,10 @@ def load_splits(data, task: str) -> Splits:
             raise TunelabError(f"data.skip_train_examples={data.skip_train_examples} skips every training example")
     if data.max_train_examples:
         splits.train = splits.train[: data.max_train_examples]
+    if data.per_label:
+        from tunelab.data.splits import per_label
+
+        splits.train = per_label(splits.train, data.per_label, data.sample_seed, task_type(task).gold)
     if data.only_labels:
         kind = task_type(task)
         kind.check_kept_labels(splits.train, data.only_labels)

@@ -59,3 +59,20 @@ def grouped(groups: dict[str, list], fractions, seed: int) -> tuple[list, list, 
     for part in parts:
         rng.shuffle(part)
     return parts
+
+
+def per_label(examples: list, n: int, seed: int, gold) -> list:
+    """A seeded draw of `n` examples of each label (all of a label that has fewer), in their original order:
+    few-shot training sets. gold(example) -> its labels (one, for the task types this applies to)."""
+    from tunelab.errors import TunelabError
+
+    by_label = {}
+    for i, e in enumerate(examples):
+        labels = gold(e)
+        if len(labels) != 1:
+            raise TunelabError(f"data.per_label draws N examples of each label; {e.source}:{e.line} has "
+                               f"{len(labels)} labels (use it with one-label tasks: classify, prompt, relation)")
+        by_label.setdefault(labels[0], []).append(i)
+    rng = random.Random(seed)
+    keep = sorted(i for label in sorted(by_label) for i in rng.sample(by_label[label], min(n, len(by_label[label]))))
+    return [examples[i] for i in keep]

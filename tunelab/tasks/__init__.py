@@ -17,6 +17,7 @@ from tunelab.tasks.classify import ClassifyTask
 from tunelab.tasks.generate import GenerateTask
 from tunelab.tasks.multilabel import MultiLabelTask
 from tunelab.tasks.ner import NerTask
+from tunelab.tasks.prompt import PromptTask
 from tunelab.tasks.qa import QATask
 from tunelab.tasks.regress import RegressTask
 from tunelab.tasks.relation import RelationTask
@@ -25,7 +26,9 @@ from tunelab.tasks.relation import RelationTask
 class Task(Protocol):
     # -- what the kind is (class attributes; no tokenizer needed) --
     kind: str  # the registry name, `task:` in a recipe
-    example_type: type  # Sentence | TextExample | GenExample | ... (tunelab.data.examples): one type per task type
+    # Sentence | TextExample | GenExample | ... (tunelab.data.examples): one type per task type, except that
+    # prompting reads classification's examples (task_of names classify for them)
+    example_type: type
     head: str  # the head transformers must have for the backbone, in words ("token-classification")
     new_head: bool  # a freshly initialised head that always trains (classification), or a pretrained one
     token_level: bool  # one output row per input token (prompt tuning must shift them past its tokens)
@@ -74,6 +77,13 @@ class Task(Protocol):
     @staticmethod
     def restrict_predictions(predictions: list, labels: list[str]) -> list:
         """Predictions scored against data of `labels` only (continual learning's per-experience scores)."""
+
+    @staticmethod
+    def objective(forward):
+        """The forward pass training differentiates, built on the model's `forward`: the model's own (its loss
+        from the batch's labels: most task types, tasks.common.model_loss), or one that forms the task's loss
+        from the model's outputs (prompting: the cross-entropy of the label words' scores). It returns an output
+        with .loss and .logits, as a transformers model does."""
 
     @staticmethod
     def model_class(config):
@@ -146,7 +156,7 @@ class Task(Protocol):
 
 
 REGISTRY: dict[str, type] = {t.kind: t for t in (NerTask, ClassifyTask, GenerateTask, RegressTask, MultiLabelTask,
-                                               QATask, RelationTask)}
+                                               QATask, RelationTask, PromptTask)}
 KINDS = tuple(REGISTRY)
 
 

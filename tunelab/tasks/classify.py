@@ -9,9 +9,10 @@ reported, never hidden.
 import numpy as np
 
 from tunelab.data.examples import TextExample
-from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, no_decision_to_settle,
-                                  no_samples, nothing_to_fill, pad_id, pair_option, percent, predict_by_logits,
-                                  predictions_as_given, sequence_classifier, sequence_classifier_peft, set_labels)
+from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, model_loss,
+                                  no_decision_to_settle, no_samples, nothing_to_fill, pad_id, pair_option, percent,
+                                  predict_by_logits, predictions_as_given, sequence_classifier,
+                                  sequence_classifier_peft, set_labels)
 
 
 class ClassifyTask:
@@ -124,6 +125,7 @@ class ClassifyTask:
         return [e for e in examples if e.label in keep]
 
     merge_predictions = staticmethod(nothing_to_fill)
+    objective = staticmethod(model_loss)
     restrict_predictions = staticmethod(predictions_as_given)
     settle = no_decision_to_settle
 

@@ -21,15 +21,7 @@ def encode_texts(tokenizer, examples: list, max_length: int, pairs: bool) -> tup
     special token; a pair is cut as the tokenizer cuts pairs (longest_first: the longer text loses tokens
     first), and carries token_type_ids where the tokenizer's model takes them (BERT: 0 for the first text, 1
     for the second), as transformers' own pipeline feeds a pair."""
-    from tunelab.errors import TunelabError
-
-    for e in examples:
-        if (e.text_pair is not None) != pairs:
-            where = f"{e.source}:{e.line}" if e.line is not None else e.source
-            raise TunelabError(f"{where}: " + (
-                "this model reads text pairs; give the second text too (data.text_pair_field, or "
-                "--text-pair-field / text_pairs in a request)" if pairs else
-                "this model reads single texts, but the input has a second text (text_pair); leave it out"))
+    check_pairs(examples, pairs)
     if not pairs:
         full = tokenizer([e.text for e in examples])["input_ids"]
         suffix = special_tokens(tokenizer)[1]
@@ -48,6 +40,19 @@ def encode_texts(tokenizer, examples: list, max_length: int, pairs: bool) -> tup
                 full[key][i] = cut[key][j]
     keys = ("input_ids", "token_type_ids") if types else ("input_ids",)
     return [{k: full[k][i] for k in keys} for i in range(len(examples))], len(long)
+
+
+def check_pairs(examples: list, pairs: bool) -> None:
+    """Every example is a text pair (`pairs`) or every one a single text; else a TunelabError naming where."""
+    from tunelab.errors import TunelabError
+
+    for e in examples:
+        if (e.text_pair is not None) != pairs:
+            where = f"{e.source}:{e.line}" if e.line is not None else e.source
+            raise TunelabError(f"{where}: " + (
+                "this model reads text pairs; give the second text too (data.text_pair_field, or "
+                "--text-pair-field / text_pairs in a request)" if pairs else
+                "this model reads single texts, but the input has a second text (text_pair); leave it out"))
 
 
 def pad_id(tokenizer, fallback: int = 0) -> int:
@@ -172,6 +177,12 @@ def predictions_as_given(predictions: list, labels: list[str]) -> list:
     """restrict_predictions of a task whose predictions need no restricting: a text of these classes
     predicted as another is simply wrong (class-incremental scoring); a generated text has no labels."""
     return predictions
+
+
+def model_loss(forward):
+    """objective() of the task types whose model forms the loss itself from the batch's labels: the model's
+    own forward, as it is."""
+    return forward
 
 
 def no_decision_to_settle(task, dev_metrics: dict) -> None:

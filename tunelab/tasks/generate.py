@@ -17,8 +17,8 @@ tokens at most unless the call asks for fewer (`max_new_tokens`, e.g. per reques
 import math
 
 from tunelab.data.examples import GenExample, TextExample
-from tunelab.tasks.common import (all_examples, no_labels, nothing_to_fill, predictions_as_given, refuse_only_labels,
-                                  special_tokens)
+from tunelab.tasks.common import (all_examples, model_loss, no_labels, nothing_to_fill, predictions_as_given,
+                                  refuse_only_labels, special_tokens)
 
 # torch (and what imports it) is imported where it is used: the task registry, and so config validation,
 # loads without it.
@@ -221,6 +221,7 @@ class GenerateTask:
     keep_labels = staticmethod(all_examples)
 
     merge_predictions = staticmethod(nothing_to_fill)
+    objective = staticmethod(model_loss)
     restrict_predictions = staticmethod(predictions_as_given)
 
     @staticmethod

@@ -13,8 +13,8 @@ micro-F1 at the threshold in force; macro-F1, subset accuracy and a per-label re
 import numpy as np
 
 from tunelab.data.examples import MultiLabelText
-from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, no_samples, pad_id,
-                                  pair_option, percent, predict_by_logits, sequence_classifier,
+from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, model_loss, no_samples,
+                                  pad_id, pair_option, percent, predict_by_logits, sequence_classifier,
                                   sequence_classifier_peft, set_labels)
 
 
@@ -70,6 +70,7 @@ class MultiLabelTask:
     predict = predict_by_logits
     evaluate = evaluate_by_predictions
 
+    objective = staticmethod(model_loss)
     def settle(self, dev_metrics: dict) -> None:
         """Take the threshold the selected dev evaluation found best."""
         self.threshold = dev_metrics["best_threshold"]

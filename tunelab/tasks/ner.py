@@ -12,8 +12,8 @@ import numpy as np
 
 from tunelab.data.examples import Sentence
 from tunelab.errors import TunelabError, where
-from tunelab.tasks.common import (as_is, evaluate_by_predictions, main_score, no_decision_to_settle, no_samples,
-                                  pad_id, percent, predict_by_logits, set_labels, special_tokens)
+from tunelab.tasks.common import (as_is, evaluate_by_predictions, main_score, model_loss, no_decision_to_settle,
+                                  no_samples, pad_id, percent, predict_by_logits, set_labels, special_tokens)
 
 IGNORE = -100
 __all__ = ["NerTask", "IGNORE", "special_tokens", "word_pieces", "windows", "viterbi", "split_words", "entity_spans"]
@@ -260,6 +260,7 @@ class NerTask:
         types = {t[2:] for t in labels if t != "O"}
         return [(_only_types(tags, types), scores) for tags, scores in predictions]
 
+    objective = staticmethod(model_loss)
     settle = no_decision_to_settle
 
     @staticmethod

@@ -18,8 +18,8 @@ import numpy as np
 
 from tunelab.data.examples import QAExample
 from tunelab.errors import TunelabError
-from tunelab.tasks.common import (all_examples, as_is, main_score, no_decision_to_settle, no_labels, no_samples,
-                                  nothing_to_fill, pad_id, percent, predict_by_logits, predictions_as_given,
+from tunelab.tasks.common import (all_examples, as_is, main_score, model_loss, no_decision_to_settle, no_labels,
+                                  no_samples, nothing_to_fill, pad_id, percent, predict_by_logits, predictions_as_given,
                                   refuse_only_labels)
 
 N_BEST = 20  # start and end candidates per window (as the SQuAD scripts take them)
@@ -152,6 +152,7 @@ class QATask:
             predictions = self.predict(model, examples, device, bf16, batch_size, desc, dist=dist)
         return self.metrics(examples, predictions)
 
+    objective = staticmethod(model_loss)
     settle = no_decision_to_settle
 
     # ---- what the task is, outside one tokenizer (see tunelab.tasks.Task) ----

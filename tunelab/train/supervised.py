@@ -94,9 +94,10 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
             "their beginning (raise model.max_length to keep more)")
 
     steps_per_epoch = math.ceil(math.ceil(len(features) / tc.batch_size) / tc.grad_accum)
-    total_steps = run.step_limit(max(1, math.ceil(tc.epochs * steps_per_epoch)), tc.max_steps)
+    # train.epochs=0: no step at all; the model is evaluated as it is (zero-shot prompting, a baseline)
+    total_steps = run.step_limit(max(1, math.ceil(tc.epochs * steps_per_epoch)), tc.max_steps) if tc.epochs else 0
     optimizer, scheduler = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, tc.scheduler,
-                                           round(tc.warmup_ratio * total_steps), total_steps, heads)
+                                           round(tc.warmup_ratio * total_steps), max(1, total_steps), heads)
     eval_every = tc.eval_every or steps_per_epoch
 
     state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "evals": [], "train_seconds": 0.0, "tokens": 0,
@@ -111,6 +112,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     clock = run.SaveClock(tc.save_every, tc.save_minutes, dist)
     tracker = track.open(out, config_mod.to_dict(cfg), cfg.track, dist.main, state["step"] if found else None)
     ddp = dist.wrap(model)  # the training forward/backward; evaluation and saving use `model`
+    forward = task.objective(ddp)  # (the model's own loss, or one the task forms from its outputs)
 
     model.train()
     bar = progress.bar(total=total_steps, initial=state["step"], desc="train", unit="step")
@@ -129,7 +131,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
                                                           task.pad).items()}
             end_of_step = not ((b + 1) % tc.grad_accum and b + 1 < len(batches))
             with dist.no_sync(ddp, sync=end_of_step):  # all-reduce in the step's last backward only
-                results.append(micro_batch(ddp, model, batch, device=device, bf16=tc.bf16, step=step, share=share,
+                results.append(micro_batch(forward, model, batch, device=device, bf16=tc.bf16, step=step, share=share,
                                            accum=tc.grad_accum))
             real = sum(lengths[i] for i in batches[b])
             step_tokens, step_rows, state["tokens"] = step_tokens + real, step_rows + len(batches[b]), \
@@ -174,6 +176,9 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
         state["train_seconds"] += time.perf_counter() - t0
     bar.close()
+    if not total_steps and splits.dev:
+        log("train.epochs=0: no training; the model is evaluated as it is")
+        evaluate_dev(task, model, splits.dev, device, tc.bf16, state, select, out, dist, tracker)
 
     # Model selection on dev; the test split is evaluated once, on the selected weights.
     if state["evals"] and not any(task.score(e["metrics"]) for e in state["evals"]):
