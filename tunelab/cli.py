@@ -39,6 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted run in output_dir from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="delete output_dir's contents and start again")
 
+    pt = sub.add_parser("pretrain", help="continue pre-training a model on raw text (masked LM for encoders, "
+                                         "causal LM for decoders) before fine-tuning it",
+                        description="Continued pre-training (task: pretrain): MLM for an encoder (its MLM head added "
+                                    "when the model lacks one), CLM for a decoder, on raw text: a .txt file (one "
+                                    "document a line), JSONL with a text field, a folder of .txt files (one "
+                                    "document each), or a built-in text set (conll2003_text, bbc_news_text, "
+                                    "peoples_daily_text, inews_text). The output folder is a backbone for any "
+                                    "recipe's model.name. A recipe is optional: the flags and key.sub=value "
+                                    "overrides (train.epochs=1 data.pretrain.whole_word=true ...) fill the config.")
+    pt.add_argument("recipe", nargs="?", help="recipe YAML with task: pretrain (optional)")
+    pt.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    pt.add_argument("--model", help="the model to continue (model.name)")
+    pt.add_argument("--text", help="the training text: a file, a folder or a built-in text set (data.train or "
+                                   "data.dataset)")
+    pt.add_argument("--dev", help="held-out text for dev selection (data.dev)")
+    pt.add_argument("--output", "-o", help="the output folder (output_dir)")
+    pt.add_argument("--resume", action="store_true", help="continue the interrupted run in output_dir")
+    pt.add_argument("--overwrite", action="store_true", help="delete output_dir's contents and start again")
+
     e = sub.add_parser("eval", help="evaluate a trained model folder on labelled data",
                        description="Evaluate a model folder saved by `tunelab train`.")
     e.add_argument("model_dir")
@@ -287,6 +306,32 @@ def cmd_train(args) -> int:
         if report.get(split):
             print(f"\n== {split} ==\n{metrics_table(report[split])}")
     print(f"\nmodel, report and curves: {cfg.output_dir}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from tunelab.config import load_config
+    from tunelab.data.packaged import BUILTIN
+    from tunelab.distributed import is_main
+    from tunelab.report import metrics_table
+    from tunelab.train import train
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        recipe, overrides = None, [recipe] + overrides  # (no recipe: the first word is an override)
+    flags = [f"model.name={args.model}"] if args.model else []
+    if args.text:
+        flags.append(f"data.dataset={args.text}" if args.text in BUILTIN else f"data.train={args.text}")
+    flags += ([f"data.dev={args.dev}"] if args.dev else []) + ([f"output_dir={args.output}"] if args.output else [])
+    cfg = load_config(recipe, flags + overrides, base=None if recipe else {"task": "pretrain"})
+    if cfg.task != "pretrain":
+        raise TunelabError(f"{recipe}: a task: {cfg.task} recipe; `tunelab pretrain` runs task: pretrain (use "
+                           "`tunelab train` for this one)")
+    report = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if is_main():
+        if report.get("dev"):
+            print(f"\n== dev ==\n{metrics_table(report['dev'])}")
+        print(f"\ncontinued model: {cfg.output_dir} (fine-tune it with model.name={cfg.output_dir})")
     return 0
 
 
@@ -564,7 +609,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+        return {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict,
                 "export": cmd_export, "serve": cmd_serve, "runs": cmd_runs, "compare": cmd_compare,
                 "search": cmd_search}[args.command](args)
     except TunelabError as e:

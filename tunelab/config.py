@@ -26,6 +26,7 @@ from tunelab.tasks import KINDS
 # without torch).
 GEN_SELECT = ("loss", "bleu", "chrf", "rougeL")
 TASKS = KINDS  # the task registry (tunelab.tasks): a plain run, or one entry of `tasks:`
+SOLO_TASKS = ("prompt", "pretrain")  # task types that are a whole LM, not a head: never an entry of tasks/experiences
 RUN_TASKS = TASKS + ("multitask", "rl", "continual")  # ... and the recipes that combine or sequence tasks or train by reward
 ADAPTERS = ("lora", "ia3", "prompt", "prefix")  # tune methods that train a peft adapter
 METHODS = ("full", *ADAPTERS, "bitfit", "head")
@@ -89,6 +90,14 @@ class PromptConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """task: pretrain (tunelab.tasks.pretrain): continued masked or causal language modelling on raw text."""
+    objective: str = choice("auto", ("auto", "mlm", "clm"))  # auto: mlm for an encoder, clm for a decoder
+    mask_prob: float = ranged(0.15, gt=0, lt=1)  # mlm: share of tokens predicted (80 % [MASK], 10 % random, 10 % kept)
+    whole_word: bool = False  # mlm: mask whole words (all their sub-word pieces) together
+
+
+@dataclass
 class DataConfig:
     # a built-in set (conll2003, msra, bbc_news, chn_sentiment, rt_sentiment, bbc_headlines, rt_prompts, chitchat,
     # ecommerce_dialogue, squad, squad_shifts_*, vitaminc, xsum: tunelab.data.packaged.BUILTIN); unset: the files below
@@ -130,6 +139,7 @@ class DataConfig:
     per_label: int | None = ranged(None, ge=1)
     sample_seed: int = 0
     prompt: PromptConfig = field(default_factory=PromptConfig)  # task: prompt
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # task: pretrain
 
 
 @dataclass
@@ -467,6 +477,10 @@ def _validate_multitask(cfg: RunConfig, sources: dict):
                     "ner|classify|generate, data: {...}, weight: 1.0}); one task is a plain run (task: ner ...)")
     for name, spec in cfg.tasks.items():
         key = f"tasks.{name}"
+        if spec.task in SOLO_TASKS:
+            raise _fail(sources, f"{key}.task", f"config key '{key}.task': {spec.task} runs on its own (its model is "
+                        "a whole language model, not a head on a shared backbone); train it as task: "
+                        f"{spec.task}, then use its folder as model.name")
         if spec.data.dataset is None and spec.data.train is None:
             raise _fail(sources, key, f"config: set {key}.data.dataset (a built-in set) or {key}.data.train "
                         "(a file)")
@@ -514,6 +528,9 @@ def _validate_continual(cfg: RunConfig, sources: dict):
         users.setdefault(spec.head or name, []).append(name)
     for name, spec in cfg.experiences.items():
         key = f"experiences.{name}"
+        if spec.task in SOLO_TASKS:
+            raise _fail(sources, f"{key}.task", f"config key '{key}.task': {spec.task} runs on its own, not as an "
+                        f"experience of a continual run; train it as task: {spec.task}")
         if spec.data.dataset is None and spec.data.train is None:
             raise _fail(sources, key, f"config: set {key}.data.dataset (a built-in set) or {key}.data.train (a file)")
         head = spec.head or name

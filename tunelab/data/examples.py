@@ -86,6 +86,15 @@ class GenExample:
     line: int | None = None
 
 
+@dataclass
+class RawText:
+    """One document of raw text for continued pre-training (no labels: the text is its own target)."""
+
+    text: str
+    source: str = "<memory>"
+    line: int | None = None
+
+
 def unlabelled(example):
     """A copy of an example without its gold labels, as prediction input (labels a predicting model's label
     list lacks would otherwise be refused by its encoder)."""

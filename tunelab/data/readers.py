@@ -107,7 +107,7 @@ class _Bad(Exception):
 def _open(path, newline: str | None = None):
     path = Path(path)
     if not path.is_file():
-        raise TunelabError(f"{path}: no such file")
+        raise TunelabError(f"{path}: " + ("a folder; give a file" if path.is_dir() else "no such file"))
     # surrogateescape: bytes that are not UTF-8 survive as lone surrogates, so that the line holding them can be
     # reported (and skipped) instead of failing the whole file at the first one.
     return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)

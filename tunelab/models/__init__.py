@@ -84,8 +84,14 @@ def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_co
             f"{' ...' if len(saved_labels) > 8 else ''}, not these {len(labels)}; the backbone is kept and the head "
             "starts anew")
     quiet_transformers()
-    model = cls.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                ignore_mismatched_sizes=fresh_head)
+    model, info = cls.from_pretrained(str(path), config=config, use_safetensors=True,
+                                      trust_remote_code=trust_remote_code, ignore_mismatched_sizes=fresh_head,
+                                      output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing and not kind.new_head:  # e.g. a sentence encoder without its MLM head, continuing pre-training
+        logging.getLogger("tunelab.models").warning(
+            f"model {path}: {len(missing)} weights of its {kind.head} head are not in the folder ({missing[0]}"
+            f"{', ...' if len(missing) > 1 else ''}); they start from transformers' initialisation")
     if fresh_head:  # (a head of the same size loaded its old rows, now meaning other labels: start it anew too)
         import torch
 

@@ -19,6 +19,10 @@ def write_report(out, report: dict) -> None:
 
 def metrics_table(m: dict) -> str:
     """Markdown table of one split's metrics (entity, classification or generation)."""
+    if "predicted_tokens" in m:  # continued pre-training
+        return (f"Loss {m['loss']:.4f} per predicted token, perplexity {m['perplexity']:.2f} ({m['predicted_tokens']} "
+                f"tokens in {m['blocks']} blocks" + (f"; masked-token accuracy {m['masked_accuracy'] * 100:.2f}"
+                                                      if "masked_accuracy" in m else "") + ")")
     if "perplexity" in m:
         return (f"Loss {m['loss']:.4f} per reference token, perplexity {m['perplexity']:.2f} "
                 f"({m['target_tokens']} reference tokens, teacher forcing)" +

@@ -17,6 +17,7 @@ from tunelab.tasks.classify import ClassifyTask
 from tunelab.tasks.generate import GenerateTask
 from tunelab.tasks.multilabel import MultiLabelTask
 from tunelab.tasks.ner import NerTask
+from tunelab.tasks.pretrain import PretrainTask
 from tunelab.tasks.prompt import PromptTask
 from tunelab.tasks.qa import QATask
 from tunelab.tasks.regress import RegressTask
@@ -147,6 +148,11 @@ class Task(Protocol):
     def describe(self) -> dict:
         """What the HTTP API says about this task."""
 
+    def epoch_features(self, features: list[dict], seed: int, epoch: int) -> list[dict]:
+        """The training features of one epoch from the encoded ones, a pure function of its arguments (a resumed
+        run sees the same): the same every epoch (most task types), or drawn anew (masked language modelling
+        masks each epoch anew)."""
+
     def settle(self, dev_metrics: dict) -> None:
         """After model selection: take decision settings from the selected dev evaluation's metrics before the
         test split is scored and the model saved (multi-label: the threshold). Most task types have none."""
@@ -156,7 +162,7 @@ class Task(Protocol):
 
 
 REGISTRY: dict[str, type] = {t.kind: t for t in (NerTask, ClassifyTask, GenerateTask, RegressTask, MultiLabelTask,
-                                               QATask, RelationTask, PromptTask)}
+                                               QATask, RelationTask, PromptTask, PretrainTask)}
 KINDS = tuple(REGISTRY)
 
 

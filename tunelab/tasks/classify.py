@@ -11,7 +11,7 @@ import numpy as np
 from tunelab.data.examples import TextExample
 from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, model_loss,
                                   no_decision_to_settle, no_samples, nothing_to_fill, pad_id, pair_option, percent,
-                                  predict_by_logits, predictions_as_given, sequence_classifier,
+                                  predict_by_logits, predictions_as_given, same_every_epoch, sequence_classifier,
                                   sequence_classifier_peft, set_labels)
 
 
@@ -126,6 +126,7 @@ class ClassifyTask:
 
     merge_predictions = staticmethod(nothing_to_fill)
     objective = staticmethod(model_loss)
+    epoch_features = same_every_epoch
     restrict_predictions = staticmethod(predictions_as_given)
     settle = no_decision_to_settle
 

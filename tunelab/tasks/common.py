@@ -185,6 +185,11 @@ def model_loss(forward):
     return forward
 
 
+def same_every_epoch(task, features: list, seed: int, epoch: int) -> list:
+    """epoch_features() of the task types whose training features are the same every epoch."""
+    return features
+
+
 def no_decision_to_settle(task, dev_metrics: dict) -> None:
     """settle() of the task types whose decision rule has no setting to take from dev (argmax, spans)."""
 

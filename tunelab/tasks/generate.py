@@ -18,7 +18,7 @@ import math
 
 from tunelab.data.examples import GenExample, TextExample
 from tunelab.tasks.common import (all_examples, model_loss, no_labels, nothing_to_fill, predictions_as_given,
-                                  refuse_only_labels, special_tokens)
+                                  refuse_only_labels, same_every_epoch, special_tokens)
 
 # torch (and what imports it) is imported where it is used: the task registry, and so config validation,
 # loads without it.
@@ -222,6 +222,7 @@ class GenerateTask:
 
     merge_predictions = staticmethod(nothing_to_fill)
     objective = staticmethod(model_loss)
+    epoch_features = same_every_epoch
     restrict_predictions = staticmethod(predictions_as_given)
 
     @staticmethod

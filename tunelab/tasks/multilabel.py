@@ -14,8 +14,8 @@ import numpy as np
 
 from tunelab.data.examples import MultiLabelText
 from tunelab.tasks.common import (as_is, encode_texts, evaluate_by_predictions, main_score, model_loss, no_samples,
-                                  pad_id, pair_option, percent, predict_by_logits, sequence_classifier,
-                                  sequence_classifier_peft, set_labels)
+                                  pad_id, pair_option, percent, predict_by_logits, same_every_epoch,
+                                  sequence_classifier, sequence_classifier_peft, set_labels)
 
 
 class MultiLabelTask:
@@ -71,6 +71,7 @@ class MultiLabelTask:
     evaluate = evaluate_by_predictions
 
     objective = staticmethod(model_loss)
+    epoch_features = same_every_epoch
     def settle(self, dev_metrics: dict) -> None:
         """Take the threshold the selected dev evaluation found best."""
         self.threshold = dev_metrics["best_threshold"]

@@ -13,7 +13,8 @@ import numpy as np
 from tunelab.data.examples import Sentence
 from tunelab.errors import TunelabError, where
 from tunelab.tasks.common import (as_is, evaluate_by_predictions, main_score, model_loss, no_decision_to_settle,
-                                  no_samples, pad_id, percent, predict_by_logits, set_labels, special_tokens)
+                                  no_samples, pad_id, percent, predict_by_logits, same_every_epoch, set_labels,
+                                  special_tokens)
 
 IGNORE = -100
 __all__ = ["NerTask", "IGNORE", "special_tokens", "word_pieces", "windows", "viterbi", "split_words", "entity_spans"]
@@ -261,6 +262,7 @@ class NerTask:
         return [(_only_types(tags, types), scores) for tags, scores in predictions]
 
     objective = staticmethod(model_loss)
+    epoch_features = same_every_epoch
     settle = no_decision_to_settle
 
     @staticmethod

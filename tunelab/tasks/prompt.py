@@ -18,7 +18,7 @@ import random
 from tunelab.data.examples import TextExample
 from tunelab.tasks.classify import ClassifyTask
 from tunelab.tasks.common import (as_is, check_pairs, main_score, no_decision_to_settle, no_samples, nothing_to_fill,
-                                  pad_id, percent, predictions_as_given, special_tokens)
+                                  pad_id, percent, predictions_as_given, same_every_epoch, special_tokens)
 
 TEXT, PAIR = "{text}", "{text_pair}"
 DEFAULTS = {"template": "{text}\nAnswer:", "verbalizer": {}, "chat": False, "normalize": True, "calibrate": False,
@@ -283,6 +283,7 @@ class PromptTask:
     merge_predictions = staticmethod(nothing_to_fill)
     restrict_predictions = staticmethod(predictions_as_given)
     settle = no_decision_to_settle
+    epoch_features = same_every_epoch
     text_examples = staticmethod(ClassifyTask.text_examples)
     records = staticmethod(ClassifyTask.records)
     format_main = staticmethod(percent)

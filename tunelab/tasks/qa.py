@@ -19,8 +19,8 @@ import numpy as np
 from tunelab.data.examples import QAExample
 from tunelab.errors import TunelabError
 from tunelab.tasks.common import (all_examples, as_is, main_score, model_loss, no_decision_to_settle, no_labels,
-                                  no_samples, nothing_to_fill, pad_id, percent, predict_by_logits, predictions_as_given,
-                                  refuse_only_labels)
+                                  no_samples, nothing_to_fill, pad_id, percent, predict_by_logits,
+                                  predictions_as_given, refuse_only_labels, same_every_epoch)
 
 N_BEST = 20  # start and end candidates per window (as the SQuAD scripts take them)
 MAX_QUESTION = 64  # question tokens kept (longer questions are cut), so that the context keeps its room
@@ -153,6 +153,7 @@ class QATask:
         return self.metrics(examples, predictions)
 
     objective = staticmethod(model_loss)
+    epoch_features = same_every_epoch
     settle = no_decision_to_settle
 
     # ---- what the task is, outside one tokenizer (see tunelab.tasks.Task) ----

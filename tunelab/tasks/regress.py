@@ -8,8 +8,8 @@ and MAE are reported beside it.
 from tunelab.data.examples import ScoredText
 from tunelab.tasks.common import (all_examples, as_is, encode_texts, evaluate_by_predictions, model_loss,
                                   no_decision_to_settle, no_labels, no_samples, nothing_to_fill, pad_id, pair_option,
-                                  predict_by_logits, predictions_as_given, refuse_only_labels, sequence_classifier,
-                                  sequence_classifier_peft)
+                                  predict_by_logits, predictions_as_given, refuse_only_labels, same_every_epoch,
+                                  sequence_classifier, sequence_classifier_peft)
 
 
 class RegressTask:
@@ -123,6 +123,7 @@ class RegressTask:
     merge_predictions = staticmethod(nothing_to_fill)
     restrict_predictions = staticmethod(predictions_as_given)
     objective = staticmethod(model_loss)
+    epoch_features = same_every_epoch
     settle = no_decision_to_settle
 
     model_class = staticmethod(sequence_classifier)

@@ -77,7 +77,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     features = task.encode(splits.train, training=True)
     check_coverage(features, tokenizer, cfg.model.name, cfg.model.max_unk_share, warn=log)
     epoch_data = epoch_data or augmenter_from_config(cfg.robust, splits.train, task, model) or \
-        (lambda seed, epoch, encoded=features: encoded)
+        (lambda seed, epoch, encoded=features: task.epoch_features(encoded, seed, epoch))
     run.claim_output(out, cfg, resume, overwrite, dist)
     lengths = [len(f["input_ids"]) for f in features]
     trainable, n_params = tuning.count(model)
