@@ -65,6 +65,12 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
                            "classification) only: generating text needs a decoding loop with a key/value cache, "
                            "which one exported graph does not hold. Serve it with `tunelab serve` or load the "
                            "folder with transformers")
+    if not t.predicts or t.head not in ("token-classification", "sequence-classification", "question-answering"):
+        raise TunelabError(f"{model_dir}: a {t.kind} model ({t.head}); ONNX export covers encoder models with a "
+                           "classification head (NER, classification, regression, multi-label, relation extraction): "
+                           "a language model's predictions come from its vocabulary's scores over several forward "
+                           "passes, not from one graph's logits. Serve it with `tunelab serve` or load the folder "
+                           "with transformers")
     if t.describe().get("pairs"):
         raise TunelabError(f"{model_dir}: a model of text pairs ({t.kind}); ONNX export covers single-text encoder "
                            "models (NER, classification, regression, multi-label, relation extraction): its graph "

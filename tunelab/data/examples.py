@@ -101,5 +101,7 @@ def unlabelled(example):
     from dataclasses import replace
 
     field = {Sentence: "tags", TextExample: "label", GenExample: "target", ScoredText: "score",
-             MultiLabelText: "labels", QAExample: "answers", RelationExample: "label"}[type(example)]
+             MultiLabelText: "labels", QAExample: "answers", RelationExample: "label"}.get(type(example))
+    if field is None:  # raw text (pre-training) has no label to take away
+        return example
     return replace(example, **{field: None})

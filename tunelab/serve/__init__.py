@@ -68,6 +68,9 @@ def load_service(options: ServeOptions) -> ModelService:
         torch.set_num_threads(options.threads)
     # batch_size: a forward pass holds at most max_batch texts (NER windows of long texts may add a few).
     predictor = Predictor(options.model_dir, options.device, batch_size=options.limits.max_batch, bf16=options.bf16)
+    if predictor.task is not None and not predictor.task.predicts:
+        raise TunelabError(f"{options.model_dir}: a {predictor.task.kind} folder is a backbone that makes no "
+                           "predictions; fine-tune it (model.name=THIS_FOLDER) and serve the result")
     for name, folder in options.adapters.items():
         predictor.add_adapter(name, folder)
     return ModelService(predictor)

@@ -32,6 +32,7 @@ class Task(Protocol):
     example_type: type
     head: str  # the head transformers must have for the backbone, in words ("token-classification")
     new_head: bool  # a freshly initialised head that always trains (classification), or a pretrained one
+    predicts: bool  # it makes predictions (predict, serve, export); a pre-training folder is a backbone: no
     token_level: bool  # one output row per input token (prompt tuning must shift them past its tokens)
     outputs: tuple  # prediction file formats besides JSONL records ("conll")
     ranks_labels: bool  # one probability per label: requests may ask for the top k

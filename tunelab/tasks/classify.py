@@ -20,6 +20,7 @@ class ClassifyTask:
     example_type = TextExample
     head = "sequence-classification"
     new_head = True
+    predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = False
     outputs = ("jsonl",)
     ranks_labels = True  # a probability per label: requests may ask for the top k

@@ -32,6 +32,7 @@ class GenerateTask:
     example_type = GenExample
     head = "generation"
     new_head = False  # the LM head is pretrained: it trains only when the whole model does
+    predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = False
     outputs = ("jsonl",)
     ranks_labels = False

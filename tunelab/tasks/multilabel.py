@@ -23,6 +23,7 @@ class MultiLabelTask:
     example_type = MultiLabelText
     head = "sequence-classification"
     new_head = True
+    predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = False
     outputs = ("jsonl",)
     ranks_labels = True

@@ -74,6 +74,7 @@ class NerTask:
     example_type = Sentence
     head = "token-classification"
     new_head = True  # a freshly initialised classifier: trained (and saved) under every tuning method
+    predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = True  # one output row per input token
     outputs = ("jsonl", "conll")  # prediction file formats
     ranks_labels = False  # labels per word, not one ranked list

@@ -31,6 +31,7 @@ class PretrainTask:
     example_type = RawText
     head = "language-modelling"
     new_head = False  # an LM head, pretrained where the model has one
+    predicts = False  # a backbone to fine-tune: it is evaluated (LM loss), never asked for predictions
     token_level = False
     outputs = ("jsonl",)
     ranks_labels = False

@@ -31,6 +31,7 @@ class PromptTask:
     example_type = TextExample  # (classification's examples: task_of() names classify for them)
     head = "causal-lm"
     new_head = False  # the LM head is pretrained: its label words are the classifier
+    predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = False
     outputs = ("jsonl",)
     ranks_labels = True
@@ -112,7 +113,8 @@ class PromptTask:
 
     def prompt_ids(self, ex, demos: list) -> list[int]:
         """The token ids of the prompt for `ex` after `demos`, at most max_length minus the longest label word:
-        the input text (the longer of a pair first) loses its end when the whole would be longer."""
+        when the whole would be longer, the input's text (each text of a pair alike) keeps only as many tokens
+        as leave room, losing its end; if the demonstrations alone leave none, the prompt loses its start."""
         room = self.max_length - max(map(len, self.words))
         ids = self._ids(ex, demos)
         if len(ids) <= room:

@@ -31,6 +31,7 @@ class QATask:
     example_type = QAExample
     head = "question-answering"
     new_head = True
+    predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = True  # (a start and an end logit per token: prompt tuning's virtual tokens would shift them)
     outputs = ("jsonl",)
     ranks_labels = False

@@ -17,6 +17,7 @@ class RegressTask:
     example_type = ScoredText
     head = "sequence-classification"  # transformers' sequence classifier with one output
     new_head = True
+    predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = False
     outputs = ("jsonl",)
     ranks_labels = False

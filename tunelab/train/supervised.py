@@ -176,16 +176,19 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
         state["train_seconds"] += time.perf_counter() - t0
     bar.close()
-    if not total_steps and splits.dev:
+    if not total_steps and splits.dev:  # (no weights to keep aside: the model is the one it started as)
         log("train.epochs=0: no training; the model is evaluated as it is")
-        evaluate_dev(task, model, splits.dev, device, tc.bf16, state, select, out, dist, tracker)
+        metrics = task.evaluate(model, splits.dev, device, tc.bf16, desc="dev", dist=dist)
+        state["evals"].append({"step": 0, "epoch": 0, "dev": metrics["main"], "metrics": metrics})
+        select.update(metrics["main"], 0)
+        tracker.log(0, track.metric_scalars("dev", metrics))
 
     # Model selection on dev; the test split is evaluated once, on the selected weights.
     if state["evals"] and not any(task.score(e["metrics"]) for e in state["evals"]):
         log(f"dev {kind.main_name} stayed at 0 over {len(state['evals'])} evaluation(s): the model has not learned "
             f"the task yet ({state['step']} steps). Train longer (train.epochs), or take more steps with a smaller "
             "train.batch_size, or a larger train.lr")
-    if splits.dev:
+    if splits.dev and total_steps:
         run.restore_best(out, model, device, dist, state)
     else:
         dist.barrier()
