@@ -307,3 +307,33 @@ def test_builtin_text_sets():
     assert len(news.train) == 5355 and len(news.dev) == 999 and not news.test
     conll = load_builtin("conll2003_text")
     assert len(conll.train) == 946 and not conll.test  # the 946 training documents
+
+
+def test_backbones_and_language_models_refuse_serving_and_onnx(tmp_path, cls_dir, tiny_model_dir, tiny_causal_dir):
+    """A pre-training folder makes no predictions (serve refuses it at start); a prompt model's predictions
+    are not one graph's logits (ONNX export refuses it); each says why."""
+    from tunelab.cli import main
+    from tunelab.config import load_config
+    from tunelab.onnx_export import export_onnx
+    from tunelab.serve import Limits, ServeOptions, load_service
+    from tunelab.train import train
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(json.loads(x)["text"] + "\n" for x in (cls_dir / "train.jsonl").read_text().splitlines()))
+    assert main(["pretrain", "--model", str(tiny_model_dir), "--text", str(text), "-o", str(tmp_path / "mlm"),
+                 "model.max_length=32", "train.epochs=1", "train.threads=2", "train.device=cpu"]) == 0
+    with pytest.raises(TunelabError, match="a pretrain folder is a backbone that makes no predictions"):
+        load_service(ServeOptions(model_dir=str(tmp_path / "mlm"), limits=Limits()))
+    train(load_config(None, ["task=prompt", f"data.train={cls_dir / 'train.jsonl'}", "data.prompt.template={text} is",
+                             *tiny_overrides(tiny_causal_dir, tmp_path / "zs", **{"train.epochs": 0})]))
+    with pytest.raises(TunelabError, match="a prompt model \\(causal-lm\\); ONNX export covers encoder models"):
+        export_onnx(tmp_path / "zs", tmp_path / "onnx")
+
+
+def test_mlm_epochs_mask_anew_and_reproducibly(minilm_tokenizer):
+    task = pretrain_task(minilm_tokenizer, max_length=32)
+    features = task.encode([RawText("the first document is here and it is long enough to mask"),
+                            RawText("a second one with words of its own")], training=True)
+    first, again, second = (task.epoch_features(features, 7, e) for e in (0, 0, 1))
+    assert first == again and first != second
+    assert all(f["labels"] == [-100] * len(f["input_ids"]) for f in features)  # the encoded blocks stay unmasked
