@@ -56,10 +56,18 @@ def _keeps_logits(forward) -> bool:
         return False
 
 
+def _prompt_learning(forward) -> bool:
+    """A peft prompt/prefix-tuning model: it puts its virtual tokens before the input and numbers the positions
+    itself (it ignores position ids given to it)."""
+    target = getattr(forward, "module", forward)
+    return bool(getattr(getattr(target, "active_peft_config", None), "is_prompt_learning", False))
+
+
 def _run(forward, keep: int, **inputs):
     """The last `keep` positions' logits (rows, keep, vocab), float32."""
     mask = inputs["attention_mask"]
-    inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if not _prompt_learning(forward):
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     if _keeps_logits(forward):
         inputs["logits_to_keep"] = keep
     return forward(**inputs).logits[:, -keep:].float()
