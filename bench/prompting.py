@@ -3,7 +3,7 @@
   zero     zero-shot classification by SmolLM2-135M-Instruct's next words (task: prompt, train.epochs=0),
            plain, calibrated (contextual calibration), and in its chat template
   icl      in-context few-shot: 4 demonstrations drawn from a 32-per-class training sample, at random (3 seeds)
-           or the most similar by MiniLM, calibrated
+           or the most similar by MiniLM, calibrated; and the random ones uncalibrated
   curve    pattern-exploiting training (task: prompt, LoRA) against a classification head on the same backbone
            (task: classify, LoRA, the same steps, learning rate and examples), at 8/32/128/512 training examples
            per class (data.per_label, seeded; 3 seeds where --seeds says, see --curve-seeds)
@@ -118,6 +118,9 @@ def plan(args) -> list[tuple[str, list[str], str]]:
                      for s in args.seeds]
             runs += [(f"{key}/icl-similar-{s}", icl + [f"data.sample_seed={s}", "data.prompt.select=similar"],
                       "train") for s in args.seeds]
+            runs += [(f"{key}/icl-random-uncalibrated-{s}", icl + [f"data.sample_seed={s}", f"data.prompt.seed={s}",
+                                                                   "data.prompt.calibrate=false"], "train")
+                     for s in args.seeds]
         if "curve" in args.parts:
             for k in args.per_label:
                 seeds = args.seeds if k <= args.curve_seeds_up_to else args.seeds[:1]
