@@ -51,6 +51,14 @@ def test_label_scores_equal_a_hand_computation(tiny_lm, minilm_tokenizer, normal
             want = np.logaddexp.reduce([hand_word_score(tiny_lm, prompt, w, normalize) for w in ids])
             assert got[r, task.label2id[label]] == pytest.approx(want, abs=1e-4)
     assert len(task.words[task.word_label.index(task.label2id["sport"]) + 1]) > 1  # a multi-token word was scored
+    # the prompt-learning path (each word appended to the prompts) gives the same scores as the cache path
+    from tunelab.prompting import _appended_word_scores, left_pad, word_scores
+
+    ids, mask = left_pad(rows, task.pad)
+    with torch.no_grad():
+        cached = word_scores(tiny_lm, task.words, normalize, input_ids=ids, attention_mask=mask)
+        appended = _appended_word_scores(tiny_lm, task.words, normalize, ids, mask, None, None)
+    assert torch.allclose(cached, appended, atol=1e-5)
 
 
 def test_training_objective_scores_right_padded_batches_as_prediction_does(tiny_lm, minilm_tokenizer):

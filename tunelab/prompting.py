@@ -8,7 +8,8 @@ softmax of these scores. Contextual calibration (Zhao et al. 2021) divides them 
 prompt gives a content-free input ("N/A"), which removes the prompt's own bias towards some labels.
 
 Prompts are scored left-padded, so that every row's next word starts at the same position and the LM head
-runs on the last few positions only (`logits_to_keep`), not over the whole vocabulary at every position.
+runs on the last position only (`logits_to_keep`), not over the whole vocabulary at every position; words of
+several tokens continue the prompts' key/value cache rather than running the prompts again per word.
 Position ids follow the attention mask (counting real tokens), so absolute-position models (GPT-2) see the
 same positions as unpadded; rotary models (Llama, Gemma) are unaffected by the shift anyway.
 """
@@ -45,15 +46,20 @@ def to_left_padding(batch: dict) -> dict:
     return out
 
 
-def _keeps_logits(forward) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do; a peft or DDP wrapper
-    passes keyword arguments through to it)."""
+def _parameters(forward) -> set:
+    """The keyword parameters of the model under `forward` (a peft or DDP wrapper passes keyword arguments
+    through to it)."""
     target = getattr(forward, "module", forward)  # DDP
     target = getattr(target, "get_base_model", lambda: target)()  # peft
     try:
-        return "logits_to_keep" in inspect.signature(target.forward).parameters
+        return set(inspect.signature(target.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
+
+
+def _keeps_logits(forward) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    return "logits_to_keep" in _parameters(forward)
 
 
 def _prompt_learning(forward) -> bool:
@@ -64,25 +70,60 @@ def _prompt_learning(forward) -> bool:
 
 
 def _run(forward, keep: int, **inputs):
-    """The last `keep` positions' logits (rows, keep, vocab), float32."""
+    """The model's output with the last `keep` positions' logits (rows, keep, vocab)."""
     mask = inputs["attention_mask"]
     if not _prompt_learning(forward):
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     if _keeps_logits(forward):
         inputs["logits_to_keep"] = keep
-    return forward(**inputs).logits[:, -keep:].float()
+    return forward(**inputs)
 
 
 def word_scores(forward, words: list[list[int]], normalize: bool, input_ids=None, attention_mask=None,
                 inputs_embeds=None, embed=None) -> torch.Tensor:
     """(rows, words): each word's log-likelihood after each left-padded prompt (mean per token when
-    `normalize`). Single-token words: one forward pass. Longer words: every prompt once per word, with the
-    word appended (`embed(ids)` gives embeddings to append to inputs_embeds)."""
-    if all(len(w) == 1 for w in words):
-        inputs = {"attention_mask": attention_mask} | (
-            {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids})
-        logp = _run(forward, 1, **inputs)[:, -1].log_softmax(-1)
-        return logp[:, [w[0] for w in words]]
+    `normalize`). One forward pass over the prompts gives every word's first token; the later tokens of the
+    words of several tokens come from one more, short pass over those words alone, continuing the prompts'
+    key/value cache (repeated once per such word). A peft prompt-learning model, which puts its own virtual
+    tokens before the input, scores each word appended to the prompts instead (`embed(ids)` gives the
+    embeddings to append to inputs_embeds)."""
+    multi = [n for n, w in enumerate(words) if len(w) > 1]
+    if multi and _prompt_learning(forward):
+        return _appended_word_scores(forward, words, normalize, input_ids, attention_mask, inputs_embeds, embed)
+    inputs = {"attention_mask": attention_mask, "use_cache": bool(multi)} | (
+        {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids})
+    out = _run(forward, 1, **inputs)
+    first = out.logits[:, -1].float().log_softmax(-1)
+    scores = first[:, [w[0] for w in words]]
+    if not multi:
+        return scores
+    rows, device, m = attention_mask.shape[0], attention_mask.device, len(multi)
+    longest = max(len(words[n]) for n in multi) - 1  # continuation tokens: a word's tokens but its last
+    cont = torch.zeros((rows * m, longest), dtype=torch.long, device=device)
+    valid = torch.zeros_like(cont)
+    for j, n in enumerate(multi):  # row r's continuation with word j sits at r * m + j (repeat_interleave)
+        w = torch.tensor(words[n][:-1], device=device)
+        cont[j::m, :len(w)], valid[j::m, :len(w)] = w, 1
+    # transformers 5.2x names the key/value cache `cache` (`past_key_values` before, still taken by some models)
+    name = "cache" if "cache" in _parameters(forward) else "past_key_values"
+    cache = getattr(out, name)
+    cache.batch_repeat_interleave(m)
+    before = attention_mask.repeat_interleave(m, 0)
+    positions = before.sum(-1, keepdim=True) + torch.arange(longest, device=device)
+    later = forward(input_ids=cont, attention_mask=torch.cat([before, valid], 1), position_ids=positions,
+                    use_cache=False, **{name: cache}).logits.float().log_softmax(-1)
+    scores = scores.clone()
+    for j, n in enumerate(multi):
+        w = words[n]
+        target = torch.tensor(w[1:], device=device)
+        rest = later[j::m, :len(w) - 1].gather(-1, target.view(1, -1, 1).expand(rows, -1, 1)).squeeze(-1)
+        total = scores[:, n] + rest.sum(-1)
+        scores[:, n] = total / len(w) if normalize else total
+    return scores
+
+
+def _appended_word_scores(forward, words, normalize, input_ids, attention_mask, inputs_embeds, embed):
+    """word_scores by running every prompt once per word with the word appended (left-padded together)."""
     rows, device = attention_mask.shape[0], attention_mask.device
     longest = max(map(len, words))
     parts_ids, parts_mask = [], []
@@ -101,8 +142,9 @@ def word_scores(forward, words: list[list[int]], normalize: bool, input_ids=None
             parts_ids.append(torch.cat([input_ids.new_zeros(rows, lead), input_ids, word], 1))
     # (words * rows, ...) word-major
     key = "inputs_embeds" if inputs_embeds is not None else "input_ids"
-    logits = _run(forward, longest + 1, **{key: torch.cat(parts_ids), "attention_mask": torch.cat(parts_mask)})
-    logp = logits.log_softmax(-1)  # kept position j predicts the token at (end - longest - 1 + j + 1)
+    logits = _run(forward, longest + 1, **{key: torch.cat(parts_ids), "attention_mask": torch.cat(parts_mask),
+                                           "use_cache": False}).logits[:, -(longest + 1):]
+    logp = logits.float().log_softmax(-1)  # kept position j predicts the token at (end - longest - 1 + j + 1)
     out = []
     for n, w in enumerate(words):
         k = len(w)
