@@ -338,6 +338,26 @@ def test_backbones_and_language_models_refuse_serving_and_onnx(tmp_path, cls_dir
         export_onnx(tmp_path / "zs", tmp_path / "onnx")
 
 
+def test_a_prompt_folder_serves_like_a_classifier(tmp_path, cls_dir, tiny_causal_dir):
+    """The server answers a prompt folder's requests with the records `tunelab predict` writes, and its
+    /v1/model says the template and the words."""
+    from tests.test_serve import expected, live
+    from tunelab.config import load_config
+    from tunelab.predict import Predictor
+    from tunelab.train import train
+
+    train(load_config(None, ["task=prompt", f"data.train={cls_dir / 'train.jsonl'}", "data.prompt.template={text} is",
+                             "data.prompt.shots=2", "data.prompt.calibrate=true",
+                             *tiny_overrides(tiny_causal_dir, tmp_path / "icl", **{"train.epochs": 0})]))
+    predictor = Predictor(tmp_path / "icl", "cpu")
+    texts = ["The striker scored twice", "Shares fell"]
+    with live(predictor) as server:
+        got = server.predict({"texts": texts}).json()
+        about = server.client.get("/v1/model").json()
+    assert got["results"] == expected(predictor, texts)
+    assert "prompt" in json.dumps(about) and "{text} is" in json.dumps(about)
+
+
 def test_mlm_epochs_mask_anew_and_reproducibly(minilm_tokenizer):
     task = pretrain_task(minilm_tokenizer, max_length=32)
     features = task.encode([RawText("the first document is here and it is long enough to mask"),

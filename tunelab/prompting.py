@@ -14,6 +14,7 @@ Position ids follow the attention mask (counting real tokens), so absolute-posit
 same positions as unpadded; rotary models (Llama, Gemma) are unaffected by the shift anyway.
 """
 
+import functools
 import inspect
 
 import torch
@@ -182,10 +183,9 @@ def softmax(scores):
     return e / e.sum(-1, keepdims=True)
 
 
-@torch.inference_mode()
-def embed_texts(model_name: str, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Sentence embeddings (mean of the last hidden states over real tokens, unit length) from an encoder such
-    as the packaged all-MiniLM-L6-v2: the retriever of similar demonstrations."""
+@functools.lru_cache(maxsize=2)
+def _retriever(model_name: str):
+    """(tokenizer, encoder) of a retriever, loaded once per process (each evaluation asks again)."""
     from transformers import AutoModel
 
     from tunelab.models.files import load_tokenizer, quiet_transformers, require_weights, resolve_model_path
@@ -193,8 +193,14 @@ def embed_texts(model_name: str, texts: list[str], batch_size: int = 64) -> torc
     path = resolve_model_path(model_name)
     require_weights(path)
     quiet_transformers()
-    tokenizer = load_tokenizer(path)
-    model = AutoModel.from_pretrained(str(path), use_safetensors=True).eval()
+    return load_tokenizer(path), AutoModel.from_pretrained(str(path), use_safetensors=True).eval()
+
+
+@torch.inference_mode()
+def embed_texts(model_name: str, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Sentence embeddings (mean of the last hidden states over real tokens, unit length) from an encoder such
+    as the packaged all-MiniLM-L6-v2: the retriever of similar demonstrations."""
+    tokenizer, model = _retriever(model_name)
     out = []
     for k in range(0, len(texts), batch_size):
         enc = tokenizer(texts[k:k + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
