@@ -189,15 +189,12 @@ def test_embedding_neighbours_equal_brute_force():
 
 
 def test_embedding_neighbours_on_the_real_vocabulary(tiny_model_dir, minilm_tokenizer):
-    import time
-
     from safetensors.torch import load_file
 
     weights = load_file(str(tiny_model_dir / "model.safetensors"))
     emb = next(v for k, v in weights.items() if k.endswith("word_embeddings.weight"))
-    start = time.perf_counter()
-    nb = embedding_neighbours(emb, minilm_tokenizer, k=3)
-    assert time.perf_counter() - start < 30  # 30k x 30k cosines, chunked
+    nb = embedding_neighbours(emb, minilm_tokenizer, k=3)  # 30k x 30k cosines, chunked (no wall-clock assert:
+    # a loaded machine would fail it; the chunking is what keeps its memory bounded)
     special = set(minilm_tokenizer.all_special_tokens)
     assert len(nb) > 20000 and "the" in nb
     for w, ns in nb.items():
