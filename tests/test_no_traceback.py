@@ -12,7 +12,7 @@ def mistakes(tmp_path, ner_dir, conll_dir):
     not_a_model.mkdir(exist_ok=True)
     (not_a_model / "notes.txt").write_text("hello\n")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("task: ner\ntrain: {epochs: 0}\n")
+    recipe.write_text("task: ner\ntrain: {epochs: -1}\n")
     columns = tmp_path / "cols.txt"
     columns.write_text("EU B-ORG\nrejects O\n\nPeter B-PER\n")
     bad_json = tmp_path / "bad.jsonl"
