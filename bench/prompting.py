@@ -286,7 +286,7 @@ def main() -> None:
             row = pretrain(work, args.threads, env)
         elif kind == "pretrain-bbc":
             row = pretrain(work, args.threads, env, "bbc_news_text", "dapt-bbc",
-                           ["model.max_length=256", "train.epochs=2", "train.batch_size=16"])
+                           ["model.max_length=256", "train.epochs=1", "train.batch_size=16"])
         elif kind == "ner":
             row = ner(name, overrides, work, args.threads, env)
         else:
