@@ -365,3 +365,14 @@ def test_mlm_epochs_mask_anew_and_reproducibly(minilm_tokenizer):
     first, again, second = (task.epoch_features(features, 7, e) for e in (0, 0, 1))
     assert first == again and first != second
     assert all(f["labels"] == [-100] * len(f["input_ids"]) for f in features)  # the encoded blocks stay unmasked
+
+
+def test_pair_templates_fill_both_slots_once(minilm_tokenizer):
+    from tunelab.tasks.prompt import PromptTask
+
+    task = PromptTask(minilm_tokenizer, ["no", "yes"], 64, True, {"template": "A: {text} B: {text_pair} ?"})
+    assert task._filled(TextExample("x {text_pair} y", "no", text_pair="z")) == "A: x {text_pair} y B: z ?"
+    ids = task.prompt_ids(TextExample("word " * 80, "no", text_pair="other " * 80), [])
+    assert len(ids) <= 64 - max(map(len, task.words)) and task.truncated == 1  # both texts cut to fit
+    with pytest.raises(TunelabError, match="reads text pairs"):
+        task.encode([TextExample("single text", "no")], training=False)

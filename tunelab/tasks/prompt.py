@@ -14,6 +14,7 @@ head is the LM head) with the template, the verbalizer and the demonstration poo
 """
 
 import random
+import re
 
 from tunelab.data.examples import TextExample
 from tunelab.tasks.classify import ClassifyTask
@@ -94,9 +95,9 @@ class PromptTask:
         return text[: enc["offset_mapping"][limit - 1][1]] if limit > 0 else ""
 
     def _filled(self, ex, limit: int | None = None) -> str:
-        text, pair = self._cut(ex.text, limit), self._cut(ex.text_pair, limit) if self.pairs else None
-        out = self.template.replace(TEXT, text)
-        return out.replace(PAIR, pair) if self.pairs else out
+        slots = {TEXT: self._cut(ex.text, limit)} | ({PAIR: self._cut(ex.text_pair, limit)} if self.pairs else {})
+        # one pass, so that a text holding "{text_pair}" stays as written
+        return re.sub("|".join(map(re.escape, slots)), lambda m: slots[m.group(0)], self.template)
 
     def _ids(self, ex, demos: list, limit: int | None = None) -> list[int]:
         answer = [self.verbalizer[d.label][0] for d in demos]
