@@ -331,7 +331,8 @@ def cmd_pretrain(args) -> int:
     if is_main():
         if report.get("dev"):
             print(f"\n== dev ==\n{metrics_table(report['dev'])}")
-        print(f"\ncontinued model: {cfg.output_dir} (fine-tune it with model.name={cfg.output_dir})")
+        backbone = f"{cfg.output_dir}/merged" if cfg.tune.merge else cfg.output_dir  # (an adapter: merged there)
+        print(f"\ncontinued model: {cfg.output_dir} (fine-tune it with model.name={backbone})")
     return 0
 
 
