@@ -73,9 +73,10 @@ def predict_by_logits(task, model, examples: list, device, bf16=False, batch_siz
 
 def evaluate_by_predictions(task, model, examples: list, device, bf16=False, batch_size=64, desc=None, dist=None,
                             predictions=None) -> dict:
-    """Metrics of the task's predictions (made here unless given) against the examples' gold labels."""
+    """Metrics of the task's predictions (made here by its own predict unless given) against the examples'
+    gold labels."""
     if predictions is None:
-        predictions = predict_by_logits(task, model, examples, device, bf16, batch_size, desc, dist=dist)
+        predictions = task.predict(model, examples, device, bf16, batch_size, desc, dist=dist)
     return task.metrics(examples, predictions)
 
 
@@ -196,6 +197,14 @@ def no_decision_to_settle(task, dev_metrics: dict) -> None:
 
 # The task types whose head is transformers' sequence classifier (classification, pairs, regression,
 # multi-label, relations): one model class and peft task type.
+
+def masked_encoder(config) -> bool:
+    """An encoder that transformers trains by masked language modelling (BERT-style), not a causal LM or an
+    encoder-decoder: pre-training continues it with MLM; prompting (next words) cannot use it."""
+    from transformers import MODEL_FOR_MASKED_LM_MAPPING
+
+    return type(config) in MODEL_FOR_MASKED_LM_MAPPING and not config.is_decoder and not config.is_encoder_decoder
+
 
 def sequence_classifier(config):
     from transformers import AutoModelForSequenceClassification

@@ -19,8 +19,9 @@ for MLM the accuracy of the masked-token predictions (the dev masks are fixed: s
 import math
 
 from tunelab.data.examples import RawText
-from tunelab.tasks.common import (all_examples, model_loss, no_decision_to_settle, no_labels, no_samples,
-                                  nothing_to_fill, predictions_as_given, refuse_only_labels, special_tokens)
+from tunelab.tasks.common import (all_examples, masked_encoder, model_loss, no_decision_to_settle, no_labels,
+                                  no_samples, nothing_to_fill, predictions_as_given, refuse_only_labels,
+                                  special_tokens)
 
 DEFAULTS = {"objective": "auto", "mask_prob": 0.15, "whole_word": False}
 
@@ -230,13 +231,13 @@ class PretrainTask:
     def model_class(config):
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-        return AutoModelForMaskedLM if _masked(config) else AutoModelForCausalLM
+        return AutoModelForMaskedLM if masked_encoder(config) else AutoModelForCausalLM
 
     @staticmethod
     def peft_type(config):
         import peft
 
-        if _masked(config):
+        if masked_encoder(config):
             from tunelab.errors import TunelabError
 
             raise TunelabError("peft has no task type for masked language modelling: continue pre-training an "
@@ -252,7 +253,7 @@ class PretrainTask:
         from tunelab.errors import TunelabError
 
         p = data.pretrain
-        objective = "mlm" if _masked(model_config) else "clm"
+        objective = "mlm" if masked_encoder(model_config) else "clm"
         if p.objective not in ("auto", objective):
             raise TunelabError(f"data.pretrain.objective={p.objective}: a {model_config.model_type} model is trained "
                                f"with {objective} here (objective=auto chooses it)")
@@ -290,13 +291,6 @@ class PretrainTask:
     @staticmethod
     def records(labels, examples, predictions, offsets=None):
         return iter(())
-
-
-def _masked(config) -> bool:
-    """An encoder (BERT-style) continues with masked language modelling; anything else is a causal LM."""
-    from transformers import MODEL_FOR_MASKED_LM_MAPPING
-
-    return type(config) in MODEL_FOR_MASKED_LM_MAPPING and not config.is_decoder and not config.is_encoder_decoder
 
 
 def _folder_documents(folder):

@@ -18,8 +18,9 @@ import re
 
 from tunelab.data.examples import TextExample
 from tunelab.tasks.classify import ClassifyTask
-from tunelab.tasks.common import (as_is, check_pairs, main_score, no_decision_to_settle, no_samples, nothing_to_fill,
-                                  pad_id, percent, predictions_as_given, same_every_epoch, special_tokens)
+from tunelab.tasks.common import (as_is, check_pairs, evaluate_by_predictions, main_score, masked_encoder,
+                                  no_decision_to_settle, no_samples, nothing_to_fill, pad_id, percent,
+                                  predictions_as_given, same_every_epoch, special_tokens)
 
 TEXT, PAIR = "{text}", "{text_pair}"
 DEFAULTS = {"template": "{text}\nAnswer:", "verbalizer": {}, "chat": False, "normalize": True, "calibrate": False,
@@ -81,6 +82,7 @@ class PromptTask:
         self.pool = [TextExample(t, label, "<demonstrations>", i, text_pair=p)
                      for i, (t, p, label) in enumerate(demonstrations or [])]
         self._pool_vectors = None
+        self._shown = {}  # id of a pool example -> its filled template (the same ones precede many inputs)
         self.truncated = 0
 
     # ---- prompts ----
@@ -99,16 +101,22 @@ class PromptTask:
         # one pass, so that a text holding "{text_pair}" stays as written
         return re.sub("|".join(map(re.escape, slots)), lambda m: slots[m.group(0)], self.template)
 
+    def _demo(self, d) -> str:
+        """A demonstration's filled template (its text cut to demo_tokens), tokenised to cut it only once."""
+        if id(d) not in self._shown:
+            self._shown[id(d)] = self._filled(d, self.settings["demo_tokens"])
+        return self._shown[id(d)]
+
     def _ids(self, ex, demos: list, limit: int | None = None) -> list[int]:
         answer = [self.verbalizer[d.label][0] for d in demos]
         if self.settings["chat"]:
             turns = [m for d, a in zip(demos, answer) for m in (
-                {"role": "user", "content": self._filled(d, self.settings["demo_tokens"])},
+                {"role": "user", "content": self._demo(d)},
                 {"role": "assistant", "content": a})]
             text = self.tokenizer.apply_chat_template(turns + [{"role": "user", "content": self._filled(ex, limit)}],
                                                       tokenize=False, add_generation_prompt=True)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        shown = [self._filled(d, self.settings["demo_tokens"]) + self.lead + a for d, a in zip(demos, answer)]
+        shown = [self._demo(d) + self.lead + a for d, a in zip(demos, answer)]
         text = "\n\n".join(shown + [self._filled(ex, limit)])
         return self.opening + self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -262,16 +270,8 @@ class PromptTask:
             p = [calibrated(row, base[f["context"]]) for row, f in zip(p, features)]
         return [(self.labels[int(row.argmax())], [float(x) for x in row]) for row in p]
 
-    def metrics(self, examples, predictions) -> dict:
-        from tunelab.metrics import classification_metrics
-
-        return classification_metrics([e.label for e in examples], [p[0] for p in predictions], self.labels)
-
-    def evaluate(self, model, examples, device, bf16=False, batch_size=64, desc=None, dist=None,
-                 predictions=None) -> dict:
-        if predictions is None:
-            predictions = self.predict(model, examples, device, bf16, batch_size, desc, dist=dist)
-        return self.metrics(examples, predictions)
+    metrics = ClassifyTask.metrics  # (label, probabilities) predictions, scored as classification's
+    evaluate = evaluate_by_predictions
 
     # ---- what the task is, outside one tokenizer (see tunelab.tasks.Task) ----
 
@@ -296,11 +296,11 @@ class PromptTask:
 
     @staticmethod
     def model_class(config):
-        from transformers import MODEL_FOR_MASKED_LM_MAPPING, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         from tunelab.errors import TunelabError
 
-        if config.is_encoder_decoder or (type(config) in MODEL_FOR_MASKED_LM_MAPPING and not config.is_decoder):
+        if config.is_encoder_decoder or masked_encoder(config):
             raise TunelabError(f"task=prompt asks a causal (decoder-only) LM for the next words; a {config.model_type} "
                                "model is not one (use e.g. model.name=SmolLM2-135M-Instruct, or task=classify)")
         return AutoModelForCausalLM

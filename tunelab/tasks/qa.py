@@ -18,9 +18,9 @@ import numpy as np
 
 from tunelab.data.examples import QAExample
 from tunelab.errors import TunelabError
-from tunelab.tasks.common import (all_examples, as_is, main_score, model_loss, no_decision_to_settle, no_labels,
-                                  no_samples, nothing_to_fill, pad_id, percent, predict_by_logits,
-                                  predictions_as_given, refuse_only_labels, same_every_epoch)
+from tunelab.tasks.common import (all_examples, as_is, evaluate_by_predictions, main_score, model_loss,
+                                  no_decision_to_settle, no_labels, no_samples, nothing_to_fill, pad_id, percent,
+                                  predict_by_logits, predictions_as_given, refuse_only_labels, same_every_epoch)
 
 N_BEST = 20  # start and end candidates per window (as the SQuAD scripts take them)
 MAX_QUESTION = 64  # question tokens kept (longer questions are cut), so that the context keeps its room
@@ -147,11 +147,7 @@ class QATask:
 
         return squad_metrics([[t for _, t in e.answers] for e in examples], [p[0] for p in predictions])
 
-    def evaluate(self, model, examples, device, bf16=False, batch_size=64, desc=None, dist=None,
-                 predictions=None) -> dict:
-        if predictions is None:
-            predictions = self.predict(model, examples, device, bf16, batch_size, desc, dist=dist)
-        return self.metrics(examples, predictions)
+    evaluate = evaluate_by_predictions
 
     objective = staticmethod(model_loss)
     epoch_features = same_every_epoch
