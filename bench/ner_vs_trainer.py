@@ -6,6 +6,7 @@ epochs, batch size, learning rate, warmup, weight decay, seed and torch threads:
 
   tunelab          tunelab.train.train, bf16 autocast (the shipped recipes' setting), length-grouped batches
   tunelab_fp32     the same in fp32 (optional)
+  tunelab_pad8     "tunelab" with train.pad_to_multiple_of=8 (optional): fewer distinct batch shapes
   trainer_default  Trainer as run_ner.py uses it, with its defaults: fp32, random batches
   trainer_best     Trainer with bf16=True (autocast) and length-grouped batches
   tunelab_before   "tunelab" exactly, but importing tunelab from another checkout (--before PATH), e.g. the commit
@@ -47,7 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RUNS = ("tunelab", "tunelab_fp32", "trainer_default", "trainer_best", "tunelab_before")
+RUNS = ("tunelab", "tunelab_fp32", "trainer_default", "trainer_best", "tunelab_before", "tunelab_pad8")
+# The bf16 training speed this CPU allows a MiniLM step (matmul peak 423 GFLOP/s at about 64 MFLOP per trained
+# token, issue #21): each run's tokens/s is also given as a share of it.
+LIMIT_TOKENS_PER_S = 6600
 BASELINE = "trainer_default"
 BEFORE = "tunelab_before"  # compared with AFTER, the same settings from this tree
 AFTER = "tunelab"
@@ -86,7 +90,7 @@ def peak_rss_mib() -> float:
 # tunelab
 
 
-def run_tunelab(args, bf16: bool) -> dict:
+def run_tunelab(args, bf16: bool, pad_multiple: int = 1) -> dict:
     import torch
 
     from tunelab.config import load_config
@@ -103,7 +107,7 @@ def run_tunelab(args, bf16: bool) -> dict:
         "train.scheduler=linear", "train.max_grad_norm=1.0", "train.grad_accum=1", "train.group_by_length=true",
         f"train.seed={args.seed}", f"train.bf16={'true' if bf16 else 'false'}", "train.device=cpu",
         f"train.threads={args.threads}", "train.patience=null", "data.context_sentences=0",
-    ]
+    ] + ([f"train.pad_to_multiple_of={pad_multiple}"] if pad_multiple > 1 else [])  # (a --before tree may lack it)
     cfg = load_config(None, overrides)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
@@ -115,7 +119,7 @@ def run_tunelab(args, bf16: bool) -> dict:
     losses = [h["loss"] for h in report["history"]]
     step_seconds = [h["seconds"] for h in report["history"] if h.get("seconds") is not None]
     return {
-        "side": "tunelab", "bf16": bf16, "group_by_length": True,
+        "side": "tunelab", "bf16": bf16, "group_by_length": True, "pad_to_multiple_of": pad_multiple,
         "train_seconds": report["train_seconds"], "total_seconds": total,
         "train_tokens": report["train_tokens"], "tokens_per_second": report["tokens_per_second"],
         "padding_share": report["padding_share"], "padding_measured": "every training batch (tunelab's own count)",
@@ -347,6 +351,8 @@ def child_main(args) -> None:
             result.update(run_tunelab(args, bf16=True))
         elif args.child == "tunelab_fp32":
             result.update(run_tunelab(args, bf16=False))
+        elif args.child == "tunelab_pad8":
+            result.update(run_tunelab(args, bf16=True, pad_multiple=8))
         elif args.child == "trainer_default":
             result.update(run_trainer(args, best=False))
         elif args.child == "trainer_best":
@@ -543,6 +549,15 @@ def notes(args, results) -> list[str]:
         cmp = vs_before(args, results)
         if cmp:
             out.extend(vs_before_lines(cmp))
+    ok = [r for r in results if "error" not in r]
+    out.append("Share of the CPU's limit (about 6,600 tokens/s for a bf16 MiniLM step on the 2-core development "
+               "machine): " + ", ".join(f"{r['run']} {r['tokens_per_second'] / LIMIT_TOKENS_PER_S:.0%}" for r in ok))
+    best = first_ok(results, "trainer_best")
+    for r in ok:
+        if best and r is not best and r["run"].startswith("tunelab") and r["bf16"]:
+            out.append(f"{r['run']} vs trainer_best: {r['tokens_per_second'] / best['tokens_per_second']:.3f}x the "
+                       f"training tokens/s, {r['peak_rss_mib'] / best['peak_rss_mib']:.3f}x the peak RSS, test F1 "
+                       f"{fmt(r['test'] and r['test']['f1'], '.4f')} vs {fmt(best['test'] and best['test']['f1'], '.4f')}")
     busy = [f"{r['run']} ({r['cpu_per_wall']:.2f})" for r in results
             if r.get("cpu_per_wall") is not None and r["cpu_per_wall"] < 0.75 * args.threads]
     if busy:

@@ -11,6 +11,10 @@ same CoNLL-2003 NER model (all-MiniLM-L6-v2 fine-tuned by tunelab) and the same 
            write it) holding a lock, since a pipeline and its fast tokenizer are not safe to call from several
            threads at once; slower under concurrency (each call lands on another pool thread).
 
+  tunelab_int8  tunelab serve --quantize int8 (dynamic int8 Linear layers); with it the bench also scores the
+           float32 and the int8 model on the whole CoNLL-2003 test split (entity F1, in the parent process before
+           any server starts)
+
 --bf16 runs every server under bf16 autocast (tunelab serve --bf16; torch.autocast around the pipeline call),
 as tunelab's recipes train and evaluate; without it everything is float32.
 
@@ -50,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ner_vs_trainer import fmt  # noqa: E402
 from peft_conll import host_info  # noqa: E402
 
-SERVERS = ("tunelab", "anchor", "anchor_threads")
+SERVERS = ("tunelab", "anchor", "anchor_threads", "tunelab_int8")
+OURS = ("tunelab", "tunelab_int8")  # tunelab serve (its API), float32 or --quantize int8
 BASELINE = "anchor"
 DEFAULT_MODEL = ROOT / "runs" / "serve_bench_ner"
 TRAIN = ["recipes/conll2003_quick.yaml", "train.epochs=1", "data.max_train_examples=2000",
@@ -157,8 +162,8 @@ class Connection:
 
 async def load(url: str, server: str, sentences: list[str], concurrency: int, requests: int, offset: int) -> dict:
     host, port = url.removeprefix("http://").split(":")
-    path = "/v1/predict" if server == "tunelab" else "/predict"
-    bodies = [json.dumps({"texts": [s]} if server == "tunelab" else {"text": s}).encode() for s in sentences]
+    path = "/v1/predict" if server in OURS else "/predict"
+    bodies = [json.dumps({"texts": [s]} if server in OURS else {"text": s}).encode() for s in sentences]
     latencies, failures, entities = [], [], 0
     counter = iter(range(requests))
 
@@ -175,8 +180,8 @@ async def load(url: str, server: str, sentences: list[str], concurrency: int, re
                     failures.append(f"HTTP {status}: {data[:200]!r}")
                     continue
                 answer = json.loads(data)
-                found = answer["results"][0]["entities"] if server == "tunelab" else answer["entities"]
-                if server == "tunelab" and len(answer["results"]) != 1:
+                found = answer["results"][0]["entities"] if server in OURS else answer["entities"]
+                if server in OURS and len(answer["results"]) != 1:
                     raise ValueError(f"{len(answer['results'])} results for one text")
                 entities += len(found)
             except Exception as e:  # noqa: BLE001 -- every kind of failure is counted, none stops the run
@@ -238,10 +243,10 @@ def free_port() -> int:
 
 def start(server: str, model: Path, args, log) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    if server == "tunelab":
+    if server in OURS:
         cmd = [sys.executable, "-m", "tunelab", "serve", str(model), "--port", str(port), "--threads",
                str(args.threads), "--device", "cpu", "--no-access-log", *(["--bf16"] if args.bf16 else []),
-               *args.serve_arg]
+               *(["--quantize", "int8"] if server == "tunelab_int8" else []), *args.serve_arg]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--anchor-server", server, "--model", str(model),
                "--port", str(port), "--threads", str(args.threads), *(["--bf16"] if args.bf16 else [])]
@@ -254,7 +259,7 @@ def start(server: str, model: Path, args, log) -> tuple[subprocess.Popen, str]:
         if proc.poll() is not None:
             raise RuntimeError(f"the {server} server exited with {proc.returncode}; see {log.name}")
         try:
-            with urllib.request.urlopen(url + ("/ready" if server == "tunelab" else "/health"), timeout=5) as r:
+            with urllib.request.urlopen(url + ("/ready" if server in OURS else "/health"), timeout=5) as r:
                 if r.status == 200:
                     return proc, url
         except OSError:
@@ -316,7 +321,7 @@ def measure(server: str, model: Path, sentences_file: str, n_sentences: int, arg
         # Warm-up (not counted): every code path once, at the largest concurrency.
         client(server, url, sentences_file, max(args.concurrency), args.warmup, n_sentences // 2, args)
         for level, c in enumerate(args.concurrency):
-            before = batch_metrics(url) if server == "tunelab" else {}
+            before = batch_metrics(url) if server in OURS else {}
             cpu0 = process_cpu_s(proc.pid)
             r = client(server, url, sentences_file, c, args.requests, 0, args)
             cpu = process_cpu_s(proc.pid) - cpu0
@@ -324,7 +329,7 @@ def measure(server: str, model: Path, sentences_file: str, n_sentences: int, arg
             entry = {**r, "requests_per_s": r["requests"] / r["wall_s"], "p50_ms": 1000 * percentile(lat, 50),
                      "p99_ms": 1000 * percentile(lat, 99), "mean_ms": 1000 * sum(lat) / len(lat),
                      "max_ms": 1000 * max(lat), "server_cpu_s": cpu, "server_cpu_per_wall": cpu / r["wall_s"]}
-            if server == "tunelab":
+            if server in OURS:
                 after = batch_metrics(url)
                 batches = after["tunelab_batch_size_count"] - before["tunelab_batch_size_count"]
                 entry["mean_batch"] = (after["tunelab_batch_size_sum"] - before["tunelab_batch_size_sum"]) / batches
@@ -341,6 +346,27 @@ def measure(server: str, model: Path, sentences_file: str, n_sentences: int, arg
             proc.kill()
             proc.wait()
     return row
+
+
+def int8_accuracy(model: Path, threads: int) -> dict:
+    """Entity F1 on the whole CoNLL-2003 test split of the float32 model and of its int8 version (as
+    `tunelab serve --quantize int8` loads it), each from the same folder and predictions path."""
+    import torch
+
+    from tunelab.data.packaged import conll2003
+    from tunelab.predict import Predictor
+
+    torch.set_num_threads(threads)
+    test = conll2003().test
+    out = {}
+    for name, kind in (("float32", None), ("int8", "int8")):
+        pred = Predictor(model, device="cpu", quantize=kind)
+        t0 = time.perf_counter()
+        metrics = pred.evaluate(test)
+        out[name] = {"f1": metrics["main"], "seconds": time.perf_counter() - t0,
+                     "check": pred.quantized and next(iter(pred.quantized.values()))}
+    out["delta_f1_points"] = 100 * (out["int8"]["f1"] - out["float32"]["f1"])
+    return out
 
 
 def level(rows: list[dict], server: str, c: int) -> dict | None:
@@ -422,6 +448,7 @@ def main(argv=None) -> int:
     Path(sentences_file).write_text(json.dumps(sentences, ensure_ascii=False), encoding="utf-8")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    accuracy = int8_accuracy(model, args.threads) if "tunelab_int8" in servers else None
     rows = []
     try:
         for server in servers:
@@ -445,7 +472,8 @@ def main(argv=None) -> int:
                                                       "sentences", "offset", "client_out")},
            "sentences": {"source": "CoNLL-2003 test, words joined by spaces", "count": len(sentences),
                          "mean_words": words},
-           "host": host_info(), "baseline": BASELINE, "goal": GOAL, "goal_check": goal, "runs": rows}
+           "host": host_info(), "baseline": BASELINE, "goal": GOAL, "goal_check": goal, "int8_accuracy": accuracy,
+           "runs": rows}
     from tunelab.io import atomic_write_json
 
     atomic_write_json(out, doc)
@@ -457,6 +485,10 @@ def main(argv=None) -> int:
               f"{goal['throughput_3x']['ratio']:.2f}x the anchor, p99 {goal['lower_p99']['tunelab_p99_ms']:.1f} "
               f"vs {goal['lower_p99']['anchor_p99_ms']:.1f} ms, {goal['no_failed_requests']['tunelab_failed']} "
               "failed tunelab requests")
+    if accuracy:
+        f, q = accuracy["float32"], accuracy["int8"]
+        print(f"\nCoNLL-2003 test entity F1: float32 {100 * f['f1']:.2f}, int8 {100 * q['f1']:.2f} "
+              f"({accuracy['delta_f1_points']:+.2f} points); evaluation {f['seconds']:.1f} s vs {q['seconds']:.1f} s")
     print(f"\nwrote {out}")
     return 1 if any("error" in r for r in rows) else 0
 

@@ -99,3 +99,16 @@ def test_eval_batches_bound_the_padding():
         slots = len(b) * max(lengths[i] for i in b)
         assert slots - sum(lengths[i] for i in b) <= 0.2 * slots
     assert eval_batches([5] * 10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_epoch_batches_put_the_longest_batch_first():
+    # (the allocator then reuses the largest step's memory for every later step; see epoch_batches)
+    rng = random.Random(5)
+    lengths = [rng.randint(3, 90) for _ in range(500)]
+    for group in (True, False):
+        for epoch in range(3):
+            batches = epoch_batches(lengths, 16, seed=1, epoch=epoch, group_by_length=group)
+            assert max(lengths[i] for i in batches[0]) == max(lengths)
+            rest = epoch_batches(lengths, 16, seed=1, epoch=epoch, group_by_length=group, longest_first=False)
+            k = rest.index(batches[0])  # the same batches; only the longest one moved to the front
+            assert batches == [rest[k]] + rest[:k] + rest[k + 1:]

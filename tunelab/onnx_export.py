@@ -24,37 +24,25 @@ import numpy as np
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.quantize import MIN_AGREEMENT, check_kind, check_texts, require_agreement
 
 OPSET = 18
-# Used when no --check-data is given: short and long, punctuation, non-ASCII, and one text long enough to be
-# cut into windows (NER) or truncated (classification).
-CHECK_TEXTS = [
-    "Angela Merkel flew to Paris on Monday .",
-    "EU rejects German call to boycott British lamb .",
-    "Peter Blackburn",
-    "Shares in Siemens rose 3.5 percent after the company said profits at its Munich unit doubled .",
-    "Zürich , São Paulo and 東京 are cities ; 😀 is not .",
-    "The talks in Geneva ended without a deal , said a spokesman for the United Nations . " * 30,
-]
-
-RELATION_CHECK_TEXTS = [  # relation extraction reads texts with the two mentions marked
-    "<e1:PER>Angela Merkel</e1> flew to <e2:LOC>Paris</e2> on Monday .",
-    "<e2:ORG>Siemens</e2> said <e1:PER>Peter Blackburn</e1> will lead its Munich unit .",
-    "<e1>Zürich</e1> and <e2>東京</e2> are cities ; 😀 is not .",
-    "The talks in Geneva ended without a deal , said a spokesman for the United Nations . " * 30 +
-    "<e1:ORG>EU</e1> rejects German call to boycott <e2:MISC>British</e2> lamb .",
-]
-
-
 def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | None = None,
-                atol: float = 1e-4, device: str = "cpu") -> dict:
+                atol: float = 1e-4, device: str = "cpu", quantize: str | None = None,
+                min_agreement: float = MIN_AGREEMENT) -> dict:
     """Export, check and write; returns what onnx.json holds. Raises TunelabError when the model cannot be
-    exported as an encoder or when onnxruntime's logits differ from PyTorch's by more than `atol`."""
+    exported as an encoder or when onnxruntime's logits differ from PyTorch's by more than `atol`.
+    quantize="int8": the checked float graph is then quantised by onnxruntime's dynamic quantisation (int8
+    weights per channel, activations per batch) and written as model.onnx in its place, if its predictions
+    agree with PyTorch's on at least `min_agreement` of the check inputs' positions (else nothing is
+    written)."""
     ort = _onnxruntime()
     from tunelab.data.examples import TextExample
     from tunelab.inference import feature_logits
     from tunelab.predict import Predictor
 
+    if quantize:
+        check_kind(quantize)
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise TunelabError(f"{output} already exists and is not an empty folder; choose a new output folder")
@@ -82,7 +70,7 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
     model = pred.use(task=task)[1]
     plain = _plain_model(pred, model, task).to(pred.device)
 
-    texts = texts or (RELATION_CHECK_TEXTS if t.kind == "relation" else CHECK_TEXTS)
+    texts = texts or check_texts(t)
     examples, _ = t.text_examples([TextExample(x, None, "<check>", i + 1) for i, x in enumerate(texts)])
     features = t.encode(examples, training=False)
     if len(features) < 2:
@@ -105,6 +93,7 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
             raise TunelabError(
                 f"ONNX parity check failed: max |onnxruntime - torch| = {parity['max_abs_diff']:.3g} over "
                 f"{parity['features']} inputs, above the tolerance {atol:g}; nothing was written")
+        quantized = _quantize(path, features, reference, t.pad, min_agreement, model_dir) if quantize else None
         plain.config.save_pretrained(str(tmp))
         t.tokenizer.save_pretrained(str(tmp))
         doc = {
@@ -112,7 +101,7 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
             "inputs": {"input_ids": "int64 (batch, sequence)", "attention_mask": "int64 (batch, sequence)"},
             "outputs": {"logits": "float32 (batch, sequence, labels)" if t.token_level else
                         "float32 (batch, labels)"},
-            "opset": OPSET, "parity": parity,
+            "opset": OPSET, "parity": parity, "quantized": quantized,
             "exported_from": {"folder": str(Path(model_dir).resolve()), "task": task,
                               "tune": pred.meta.get("tune")},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
@@ -182,12 +171,12 @@ def _export(model, features: list[dict], pad: int, path: Path, device) -> None:
                           opset_version=OPSET, dynamo=True, external_data=big, verbose=False)
 
 
-def _parity(session, features: list[dict], reference: list, pad: int, atol: float) -> dict:
-    """onnxruntime's logits for every feature, in batches of 1 and 3 (sizes and lengths the export example did
-    not have), against `reference`; compared on real tokens only (padding is not an output)."""
+def _session_logits(session, features: list[dict], pad: int) -> tuple[list, list]:
+    """onnxruntime's logits for every feature (trimmed to its real tokens: padding is not an output), run in
+    batches of 1 and 3 (sizes and lengths the export example did not have); and the batch shapes."""
     from tunelab.data.batching import collate
 
-    worst, batches = 0.0, []
+    out, batches = [None] * len(features), []
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     groups = [order[:1]] + [order[k:k + 3] for k in range(1, len(order), 3)]
     for idx in groups:
@@ -196,8 +185,39 @@ def _parity(session, features: list[dict], reference: list, pad: int, atol: floa
                                              "attention_mask": batch["attention_mask"].numpy()})
         batches.append(list(logits.shape))
         for row, i in enumerate(idx):
-            got = logits[row, : len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row]
-            diff = np.abs(got.astype(np.float64) - np.asarray(reference[i], dtype=np.float64))
-            worst = max(worst, float(diff.max()) if np.isfinite(diff).all() else float("inf"))
+            out[i] = logits[row, : len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row]
+    return out, batches
+
+
+def _parity(session, features: list[dict], reference: list, pad: int, atol: float) -> dict:
+    """onnxruntime's logits for every feature against `reference`."""
+    worst = 0.0
+    logits, batches = _session_logits(session, features, pad)
+    for got, ref in zip(logits, reference):
+        diff = np.abs(got.astype(np.float64) - np.asarray(ref, dtype=np.float64))
+        worst = max(worst, float(diff.max()) if np.isfinite(diff).all() else float("inf"))
     return {"passed": worst <= atol, "max_abs_diff": worst, "atol": atol, "features": len(features),
             "batch_shapes": batches}
+
+
+def _quantize(path: Path, features: list[dict], reference: list, pad: int, min_agreement: float, model_dir) -> dict:
+    """The float graph at `path` replaced by its int8 dynamic quantisation once that passes the agreement check
+    against `reference` (PyTorch's float logits); the check's figures."""
+    import logging
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    int8 = path.with_name("model.int8.onnx")
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # (it logs a hint to pre-process the graph on the root logger)
+    try:
+        quantize_dynamic(str(path), str(int8), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
+    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    logits, _ = _session_logits(session, features, pad)
+    doc = require_agreement(reference, logits, min_agreement, f"{model_dir}: int8 export")
+    doc.update(kind="int8 dynamic (onnxruntime)", bytes=int8.stat().st_size, float_bytes=path.stat().st_size)
+    os.replace(int8, path)
+    return doc

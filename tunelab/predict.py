@@ -13,6 +13,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.inference import feature_logits, inference_batches  # noqa: F401 (public names)
+from tunelab.quantize import MIN_AGREEMENT
 from tunelab.runtime import autocast, eval_mode, pick_device  # noqa: F401 (public names)
 from tunelab.train.run import META_FILE, read_meta  # noqa: F401 (public names)
 
@@ -50,11 +51,14 @@ class Predictor:
     `predict(..., adapter=name)`, without reloading the base. Each adapter keeps its own head and labels.
     """
 
-    def __init__(self, model_dir, device="auto", batch_size=64, bf16: bool = False, meta: dict | None = None):
+    def __init__(self, model_dir, device="auto", batch_size=64, bf16: bool = False, meta: dict | None = None,
+                 quantize: str | None = None, min_agreement: float | None = None):
         """`bf16`: run the model under bf16 autocast, as the shipped recipes train and evaluate (about twice
         the speed on CPUs with bf16 instructions; logits differ from float32 in the second or third digit).
         `meta`: the task to use the model for, in place of a tunelab.json (an untuned model asked zero-shot:
-        tunelab.tasks.prompt.zero_shot_meta); model_dir may then also be a packaged model's name."""
+        tunelab.tasks.prompt.zero_shot_meta); model_dir may then also be a packaged model's name.
+        `quantize`: "int8" runs the model dynamically quantised (tunelab.quantize), once it has passed the
+        agreement check against the float model (at least `min_agreement` of the predictions the same)."""
         from tunelab.models import require_weights, resolve_model_path
 
         self.dir = resolve_model_path(str(model_dir)) if meta is not None else Path(model_dir)
@@ -64,6 +68,7 @@ class Predictor:
         self.batch_size = batch_size
         self.bf16 = bf16
         self.adapters, self.active = {}, None
+        self.quantized = None  # the agreement check's figures, per task, when quantised
         if self.meta["task"] == "multitask":
             from tunelab.multitask.model import load
 
@@ -71,12 +76,49 @@ class Predictor:
             self.tasks = {n: self._task(self.dir, m) for n, m in self.meta["tasks"].items()}
             self.task = None
             self.model = load(self.dir, self.meta).to(self.device).eval()
-            return
-        self.tasks = {}
-        self.task = self._task(self.dir, self.meta)
-        self.model = self._load_model().to(self.device).eval()
+        else:
+            self.tasks = {}
+            self.task = self._task(self.dir, self.meta)
+            self.model = self._load_model().to(self.device).eval()
+            if self.meta.get("adapter") and not quantize:
+                self.adapters, self.active = {"default": (self.meta, self.task)}, "default"
+        if quantize:
+            self._quantize(quantize, MIN_AGREEMENT if min_agreement is None else min_agreement)
+
+    def _quantize(self, kind: str, min_agreement: float) -> None:
+        """The model replaced by its int8 version, after checking that both predict alike on the built-in
+        check texts (every task of a multi-task folder)."""
+        from tunelab import quantize as q
+        from tunelab.data.examples import TextExample
+
+        q.check_kind(kind)
+        if self.bf16:
+            raise TunelabError("--quantize int8 and --bf16 do not go together: the int8 layers take float32 "
+                               "inputs; choose one")
+        tasks = self.tasks or {None: self.task}
+        for t in tasks.values():
+            q.refuse_unsupported(t, self.device)
         if self.meta.get("adapter"):
-            self.adapters, self.active = {"default": (self.meta, self.task)}, "default"
+            if self.meta.get("tune") in ("prompt", "prefix"):
+                raise TunelabError(f"{self.dir}: a {self.meta['tune']}-tuning adapter cannot be merged into the "
+                                   "weights, so it cannot be quantised; train with tune.method lora, ia3 or full")
+            self.model = self.model.merge_and_unload().eval()  # one plain model: its Linear layers quantise
+
+        def logits(features_of):
+            return {name: feature_logits(self.use(task=name)[1], features_of[name], t.pad, self.device,
+                                         batch_size=self.batch_size) for name, t in tasks.items()}
+
+        features = {}
+        for name, t in tasks.items():
+            examples, _ = t.text_examples([TextExample(x, None, "<check>", i + 1)
+                                           for i, x in enumerate(q.check_texts(t))])
+            features[name] = t.encode(examples, training=False)
+        reference = logits(features)
+        self.model = q.int8_dynamic(self.model, inplace=True)
+        got = logits(features)
+        self.quantized = {name or self.meta["task"]: q.require_agreement(
+            reference[name], got[name], min_agreement, f"{self.dir}" + (f" task {name}" if name else ""))
+            for name in tasks}
 
     def task_meta(self, task: str | None = None) -> dict:
         """The folder's metadata for one task (task type, labels, ...): of task `task` in a multi-task
@@ -123,6 +165,9 @@ class Predictor:
 
         folder = Path(folder)
         meta = read_meta(folder)
+        if self.quantized:
+            raise TunelabError(f"{folder}: adapters cannot be added to a quantised model (its adapter is merged "
+                               "into int8 weights); leave out --quantize to switch adapters")
         if not self.adapters or not meta.get("adapter"):
             raise TunelabError(f"{folder if self.adapters else self.dir}: not an adapter folder; only adapters "
                                "(tune.method lora, ia3) share one base model")

@@ -31,6 +31,23 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def fast_bf16(device: str = "auto") -> bool:
+    """train.bf16=auto: whether this device computes bf16 natively, so that autocast pays (about 1.5-2x on
+    MiniLM training here) instead of emulating it: a CUDA GPU that supports bf16, or an x86 CPU with
+    AVX512-BF16 or AMX (Linux reports them in /proc/cpuinfo). Elsewhere float32."""
+    name = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    if name.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if name != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast(device: torch.device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()

@@ -370,6 +370,7 @@ def learn(model, streams: dict, dev: dict, step: Step, cfg, where: Path, resume:
     select = run.KeepBest(state, tc.patience)
     clock = run.SaveClock(tc.save_every, tc.save_minutes, dist)
     model.train()
+    pace = run.Pace(device, torch.get_num_threads())
     bar = progress.bar(total=total_steps, initial=state["step"], desc=desc, unit="step")
     while state["step"] < total_steps and not state["stopped_early"]:
         t0 = time.perf_counter()
@@ -381,7 +382,8 @@ def learn(model, streams: dict, dev: dict, step: Step, cfg, where: Path, resume:
             stream = batches[key]
             idx = stream.batch(state["drawn"][key])
             state["drawn"][key] += 1
-            batch = {k: v.to(device) for k, v in collate([stream.features[i] for i in idx], task.pad).items()}
+            batch = {k: v.to(device) for k, v in collate([stream.features[i] for i in idx], task.pad,
+                                                          tc.pad_to_multiple_of).items()}
             results.append(micro_batch(lambda **b: model(head, **b), model.heads[head], batch, device=device,
                                        bf16=tc.bf16, step=step, accum=tc.grad_accum))
             tokens, rows = tokens + sum(stream.lengths[i] for i in idx), rows + len(idx)
@@ -391,6 +393,7 @@ def learn(model, streams: dict, dev: dict, step: Step, cfg, where: Path, resume:
         record = run.step_record(state["step"], sum(r.loss for r in results) / len(results), lr, grad_norm,
                                  time.perf_counter() - t0, tokens, rows, device, mean_logs(results))
         state["history"].append(record)
+        pace.watch(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         state["train_seconds"] += time.perf_counter() - t0

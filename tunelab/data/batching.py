@@ -6,13 +6,14 @@ import random
 import torch
 
 
-def collate(features: list[dict], pad_id: int) -> dict:
-    """input_ids/attention_mask (and token_type_ids, where features have them: text pairs): (batch, longest).
+def collate(features: list[dict], pad_id: int, multiple: int = 1) -> dict:
+    """input_ids/attention_mask (and token_type_ids, where features have them: text pairs): (batch, longest),
+    the length rounded up to a multiple of `multiple` (train.pad_to_multiple_of: fewer distinct shapes).
     labels, by what a feature's "labels" is: a list of ints, token labels -> (batch, longest label list) with
     -100 padding (as long as the inputs, except an encoder-decoder's decoder labels); an int, a class ->
     (batch,) long; a float, a regression target -> (batch,) float; a tuple of floats, a multi-hot label vector
     -> (batch, labels) float. start_positions/end_positions (extractive QA): (batch,) long."""
-    longest = max(len(f["input_ids"]) for f in features)
+    longest = padded_length([len(f["input_ids"]) for f in features], multiple)
     ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), longest), dtype=torch.long)
     types = torch.zeros((len(features), longest), dtype=torch.long) if "token_type_ids" in features[0] else None
@@ -31,7 +32,8 @@ def collate(features: list[dict], pad_id: int) -> dict:
         return batch
     first = features[0]["labels"]
     if isinstance(first, list):
-        labels = torch.full((len(features), max(len(f["labels"]) for f in features)), -100, dtype=torch.long)
+        width = padded_length([len(f["labels"]) for f in features], multiple)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
         for i, f in enumerate(features):
             labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
     else:
@@ -40,17 +42,32 @@ def collate(features: list[dict], pad_id: int) -> dict:
     return batch | {"labels": labels}
 
 
+def padded_length(lengths: list[int], multiple: int = 1) -> int:
+    """The length collate pads a batch of these lengths to."""
+    longest = max(lengths)
+    return longest + -longest % multiple
+
+
 def model_inputs(batch: dict) -> dict:
     """What a forward pass for outputs (no loss) takes of a batch: the inputs, not the targets."""
     return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
-                  mega: int = 64) -> list[list[int]]:
+                  mega: int = 64, longest_first: bool = True) -> list[list[int]]:
     """The batch order of one epoch, a pure function of (seed, epoch) so that a resumed run replays it.
 
     Length grouping: shuffle, cut into mega-batches of `mega` batches, sort each by length, batch, then
     shuffle the batches; examples meet different neighbours every epoch yet each batch is nearly uniform.
+
+    The batch holding the longest sequence goes first. On a CPU this is worth 10-15 % of training speed and
+    0.4 GiB of peak memory on CoNLL-2003 (bench/profile_step.py): glibc's malloc hands blocks above its mmap
+    threshold back to the kernel when they are freed and raises that threshold only to the largest block
+    freed so far, so batches in random length order keep mapping fresh pages for each new longest batch
+    (page faults the kernel must zero) while smaller blocks fragment the heap; after the longest batch
+    first, later batches' tensors reuse its freed memory. (A GPU's caching allocator gains the same way, and
+    an out-of-memory batch size fails at the first step instead of hours in.) longest_first=False only
+    measures what this is worth.
     """
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
@@ -62,6 +79,9 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     if group_by_length:
         rng.shuffle(batches)
+    if batches and longest_first:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(longest))
     return batches
 
 

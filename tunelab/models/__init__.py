@@ -54,6 +54,19 @@ def set_dropout(config, dropout) -> None:
         setattr(config, k, dropout)
 
 
+def recompute_activations(model) -> None:
+    """Activation (gradient) checkpointing: each layer's activations are recomputed in backward instead of
+    kept from forward (train.gradient_checkpointing). Non-reentrant, so that it works with frozen inputs
+    (peft adapters) and with bf16 autocast."""
+    from tunelab.peft import base_of
+
+    base = base_of(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise TunelabError(f"train.gradient_checkpointing: transformers' {type(base).__name__} does not support "
+                           "activation checkpointing; remove the key")
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_model(path, task: str, labels: list[str], dropout=None, trust_remote_code=False):
     """A token- or sequence-classification model with `labels` as its id2label, or a generation model
     (causal LM or encoder-decoder), from safetensors weights. A folder whose trained head has the first labels

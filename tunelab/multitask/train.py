@@ -123,6 +123,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
     ddp = dist.wrap(model, outside_forward=("uncertainty.",))  # training; evaluation and saving use `model`
 
     model.train()
+    pace = run.Pace(device, torch.get_num_threads())
     bar = progress.bar(total=total_steps, initial=state["step"], desc="train", unit="step")
     while state["step"] < total_steps and not state["stopped_early"]:
         t0 = time.perf_counter()
@@ -138,7 +139,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
             state["drawn"][name] += 1
             feats, mine = streams[name].features, dist.shard(idx)
             shares.append(distributed.loss_weight(feats, idx, mine, dist))
-            batch = collate([feats[i] for i in (mine or idx[:1])], tasks[name].pad)
+            batch = collate([feats[i] for i in (mine or idx[:1])], tasks[name].pad, tc.pad_to_multiple_of)
             work.append((name, {k: v.to(device) for k, v in batch.items()}))
             tokens += sum(streams[name].lengths[i] for i in idx)
             rows += len(idx)
@@ -161,6 +162,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
                                  device, extra)
         state["history"].append(record)
         tracker.log(state["step"], run.step_scalars(record))
+        pace.watch(record)
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", refresh=False)
 

@@ -38,6 +38,8 @@ class ServeOptions:
     adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter folder, switched per request
     api_key_env: str = "TUNELAB_API_KEY"
     api_key_file: str | None = None
+    quantize: str | None = None  # "int8": dynamically quantised, after the agreement check (tunelab.quantize)
+    min_agreement: float | None = None  # the check's bar (None: tunelab.quantize.MIN_AGREEMENT)
 
 
 def api_key(options: ServeOptions) -> str | None:
@@ -67,7 +69,15 @@ def load_service(options: ServeOptions) -> ModelService:
 
         torch.set_num_threads(options.threads)
     # batch_size: a forward pass holds at most max_batch texts (NER windows of long texts may add a few).
-    predictor = Predictor(options.model_dir, options.device, batch_size=options.limits.max_batch, bf16=options.bf16)
+    if options.quantize and options.adapters:
+        raise TunelabError("--quantize and --adapter do not go together: a quantised model has its adapter merged "
+                           "into int8 weights, so adapters cannot be switched per request")
+    predictor = Predictor(options.model_dir, options.device, batch_size=options.limits.max_batch, bf16=options.bf16,
+                          quantize=options.quantize, min_agreement=options.min_agreement)
+    if predictor.quantized:
+        for name, doc in predictor.quantized.items():
+            log.info("%s: int8, predictions agree with the float model's on %.1f%% of %d check positions", name,
+                     100 * doc["agreement"], doc["positions"])
     if predictor.task is not None and not predictor.task.predicts:
         raise TunelabError(f"{options.model_dir}: a {predictor.task.kind} folder is a backbone that makes no "
                            "predictions; fine-tune it (model.name=THIS_FOLDER) and serve the result")

@@ -59,6 +59,7 @@ class ModelService:
             "task_required": self.multitask,
             "tasks": tasks,
             "adapters": {name: {"labels": labels} for name, labels in self.adapters.items()},
+            "quantized": self.predictor.quantized,  # None, or the int8 agreement check's figures per task
         }
 
     def run(self, route: Route, texts: list) -> list[dict]:

@@ -161,6 +161,71 @@ def step_record(step: int, loss: float, lr: float, grad_norm, seconds: float, to
             **(extra or {})}
 
 
+class Pace:
+    """Notices a CPU run that has slowed far below its own early speed because another process competes for
+    the cores. With two or more torch threads per process, such competition does not halve the speed but can
+    cut it to a tenth (OpenMP threads wait at every barrier for a peer the kernel has descheduled; measured in
+    docs/benchmarks.md); one thread per process degrades gracefully.
+
+    watch(record) after each optimizer step (a step_record) logs a warning, at most once a run. The
+    reference is the median speed of the steps after the first `warmup`; the test is the last `window`
+    steps' speed below `slow` of it while either the load average exceeds the cores or this process got well
+    under its threads' CPU time. Speed is tokens per second (steps differ in length)."""
+
+    def __init__(self, device, threads: int, warmup: int = 3, window: int = 10, slow: float = 0.4,
+                 load=None, cores: int | None = None):
+        import os
+
+        self.on = getattr(device, "type", str(device)) == "cpu"
+        self.threads, self.warmup, self.window, self.slow = threads, warmup, window, slow
+        self.load = load or (lambda: os.getloadavg()[0])
+        self.cores = cores or os.cpu_count() or 1
+        self.rates, self.recent, self.reference, self.warned = [], [], None, False
+        self.clock = None
+
+    def watch(self, record: dict) -> None:
+        """update(), and the warning (if any) in the log."""
+        warning = self.update(record)
+        if warning:
+            log(f"step {record['step']}: {warning}")
+
+    def update(self, record: dict, wall: float | None = None, cpu: float | None = None) -> str | None:
+        """wall/cpu: this process's wall and CPU seconds since the previous update (measured here when not
+        given)."""
+        if not self.on or self.warned:
+            return None
+        now = (time.perf_counter(), time.process_time())
+        if wall is None:
+            wall, cpu = (now[0] - self.clock[0], now[1] - self.clock[1]) if self.clock else (None, None)
+        self.clock = now
+        rate = record["tokens"] / max(1e-9, record["seconds"])
+        if self.reference is None:
+            self.rates.append(rate)
+            if len(self.rates) == self.warmup + self.window:
+                self.reference = sorted(self.rates[self.warmup:])[self.window // 2]
+            return None
+        self.recent = (self.recent + [(record["tokens"], record["seconds"], wall, cpu)])[-self.window:]
+        if len(self.recent) < self.window:
+            return None
+        now_rate = sum(t for t, *_ in self.recent) / max(1e-9, sum(s for _, s, *_ in self.recent))
+        if now_rate >= self.slow * self.reference:
+            return None
+        load = self.load()
+        walls = [w for *_, w, c in self.recent if w is not None]
+        share = sum(c for *_, w, c in self.recent if w is not None) / sum(walls) if walls and sum(walls) > 0 else None
+        starved = share is not None and share < 0.6 * self.threads
+        if load <= self.cores and not starved:
+            return None  # slower for a reason of its own (longer sequences, a slow disk), not the cores
+        self.warned = True
+        cpu_note = f", this process got {share:.1f} CPU-seconds per second for its {self.threads} threads" \
+            if share is not None else ""
+        return (f"training slowed to {now_rate:,.0f} tokens/s from {self.reference:,.0f} at its start: the load "
+                f"average is {load:.1f} on {self.cores} cores{cpu_note}, so another process is competing for the "
+                "CPU. " + (f"With {self.threads} torch threads a process can slow to a tenth of its speed when it "
+                           "must share the cores; stop the other job, or run each process with train.threads=1"
+                           if self.threads > 1 else "Stop the other job, or expect this run to take longer"))
+
+
 # A record's per-task dicts, as TensorBoard names them (train/loss/NAME, train/weight/NAME).
 NESTED = {"tasks": "loss", "weights": "weight"}
 

@@ -17,8 +17,9 @@ from tunelab import distributed
 from tunelab import peft as tuning
 from tunelab import progress, track
 from tunelab.data import Splits, check_labels, load_splits
-from tunelab.data.batching import collate, epoch_batches
-from tunelab.models import check_coverage, continue_adapter, head_labels, load_model, load_tokenizer, resolve_model_path
+from tunelab.data.batching import collate, epoch_batches, padded_length
+from tunelab.models import (check_coverage, continue_adapter, head_labels, load_model, load_tokenizer,
+                            recompute_activations, resolve_model_path)
 from tunelab.robust import augmenter_from_config, step_from_config
 from tunelab.tasks import task_type
 from tunelab.train import checkpoint, run
@@ -70,6 +71,8 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         model, tuned = load_model(path, cfg.task, labels, cfg.model.dropout, cfg.model.trust_remote_code), False
     heads = tuning.head_names(tuning.base_of(model), cfg.task)
     model = (model if tuned else tuning.apply(model, cfg.tune, cfg.task, path)).to(device)
+    if tc.gradient_checkpointing:
+        recompute_activations(model)
     max_length = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
     kind = task_type(cfg.task)
     task = kind.build(tokenizer, labels, max_length, kind.options(cfg.data, tuning.base_of(model).config))
@@ -115,6 +118,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     forward = task.objective(ddp)  # (the model's own loss, or one the task forms from its outputs)
 
     model.train()
+    pace = run.Pace(device, torch.get_num_threads())
     bar = progress.bar(total=total_steps, initial=state["step"], desc="train", unit="step")
     while state["step"] < total_steps and not state["stopped_early"]:
         features = epoch_data(tc.seed, state["epoch"])
@@ -128,7 +132,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
             mine = dist.shard(batches[b])
             share = distributed.loss_weight(features, batches[b], mine, dist)
             batch = {k: v.to(device) for k, v in collate([features[i] for i in (mine or batches[b][:1])],
-                                                          task.pad).items()}
+                                                          task.pad, tc.pad_to_multiple_of).items()}
             end_of_step = not ((b + 1) % tc.grad_accum and b + 1 < len(batches))
             with dist.no_sync(ddp, sync=end_of_step):  # all-reduce in the step's last backward only
                 results.append(micro_batch(forward, model, batch, device=device, bf16=tc.bf16, step=step, share=share,
@@ -136,7 +140,8 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
             real = sum(lengths[i] for i in batches[b])
             step_tokens, step_rows, state["tokens"] = step_tokens + real, step_rows + len(batches[b]), \
                 state["tokens"] + real
-            state["padded_tokens"] += sum(len(s) * max(lengths[i] for i in s) for s in dist.shards(batches[b]) if s)
+            state["padded_tokens"] += sum(len(s) * padded_length([lengths[i] for i in s], tc.pad_to_multiple_of)
+                                          for s in dist.shards(batches[b]) if s)
             if not end_of_step:
                 continue
 
@@ -149,6 +154,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
                                      mean_logs(results))
             state["history"].append(record)
             tracker.log(state["step"], run.step_scalars(record))
+            pace.watch(record)
             results, step_tokens, step_rows = [], 0, 0
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)

@@ -1,0 +1,99 @@
+"""int8 dynamic quantisation for inference (`tunelab serve --quantize int8`, `tunelab export --onnx --quantize
+int8`), and the accuracy check that every quantised model passes before it is used.
+
+Dynamic quantisation stores each Linear layer's weights as int8 (one scale per output channel) and quantises
+the activations per batch at run time; embeddings, LayerNorm and the attention softmax stay float32. It needs
+no calibration data. On the 2-core development CPU it runs a MiniLM NER model about 1.7x as fast as float32
+(docs/benchmarks.md). The check: the quantised model's predictions (argmax of the logits at every real token,
+or of every row for classification) on real inputs must agree with the float model's on at least
+`min_agreement` of the positions; a model whose weights quantise badly (outliers that a per-channel scale
+cannot hold) is refused with the figure, not served or written.
+"""
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+
+from tunelab.errors import TunelabError
+
+KINDS = ("int8",)
+MIN_AGREEMENT = 0.98
+
+# The inputs of parity and agreement checks (ONNX export, int8) when no --check-data is given: short and long,
+# punctuation, non-ASCII, and one text long enough to be cut into windows (NER) or truncated (classification).
+CHECK_TEXTS = [
+    "Angela Merkel flew to Paris on Monday .",
+    "EU rejects German call to boycott British lamb .",
+    "Peter Blackburn",
+    "Shares in Siemens rose 3.5 percent after the company said profits at its Munich unit doubled .",
+    "Zürich , São Paulo and 東京 are cities ; 😀 is not .",
+    "The talks in Geneva ended without a deal , said a spokesman for the United Nations . " * 30,
+]
+
+RELATION_CHECK_TEXTS = [  # relation extraction reads texts with the two mentions marked
+    "<e1:PER>Angela Merkel</e1> flew to <e2:LOC>Paris</e2> on Monday .",
+    "<e2:ORG>Siemens</e2> said <e1:PER>Peter Blackburn</e1> will lead its Munich unit .",
+    "<e1>Zürich</e1> and <e2>東京</e2> are cities ; 😀 is not .",
+    "The talks in Geneva ended without a deal , said a spokesman for the United Nations . " * 30 +
+    "<e1:ORG>EU</e1> rejects German call to boycott <e2:MISC>British</e2> lamb .",
+]
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise TunelabError(f"--quantize {kind}: unknown; choose one of {', '.join(KINDS)}")
+
+
+def refuse_unsupported(task, device) -> None:
+    """Dynamic int8 kernels are CPU kernels, and the check compares classification outputs."""
+    if getattr(device, "type", str(device)) != "cpu":
+        raise TunelabError("--quantize int8 runs on the CPU (dynamic int8 kernels are CPU kernels); use "
+                           "--device cpu, or leave out --quantize on a GPU")
+    if not task.predicts or task.new_tokens_bound is not None:
+        raise TunelabError(f"--quantize int8 covers encoder models with a classification head (NER, "
+                           f"classification, regression, multi-label, relation extraction, QA), not a {task.kind} "
+                           "model")
+
+
+def int8_dynamic(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+    """`model` with every nn.Linear replaced by torch's dynamically quantised int8 Linear (per-channel
+    weights). torch marks its eager quantisation API deprecated in favour of torchao; it is kept here because
+    it needs no extra package and its x86 kernels (fbgemm) are what makes int8 pay on a CPU."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notices, once per layer
+        return quantize_dynamic(model.eval(), {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+
+
+def agreement(reference: list, quantised: list) -> tuple[float, int]:
+    """Share of positions where the argmax agrees, over every feature's logits ((seq, labels) or (labels,));
+    and the number of positions compared."""
+    same = total = 0
+    for ref, got in zip(reference, quantised):
+        a, b = np.asarray(ref).argmax(-1), np.asarray(got).argmax(-1)
+        same += int(np.sum(a == b))
+        total += int(np.size(a))
+    return same / max(1, total), total
+
+
+def check_texts(task) -> list[str]:
+    return RELATION_CHECK_TEXTS if task.kind == "relation" else CHECK_TEXTS
+
+
+def require_agreement(reference: list, quantised: list, min_agreement: float, what: str) -> dict:
+    share, positions = agreement(reference, quantised)
+    worst = max((float(np.max(np.abs(np.asarray(r, dtype=np.float64) - np.asarray(q, dtype=np.float64))))
+                 for r, q in zip(reference, quantised)), default=0.0)
+    doc = {"kind": "int8 dynamic", "agreement": share, "positions": positions, "min_agreement": min_agreement,
+           "max_abs_logit_diff": worst}
+    if share < min_agreement:
+        raise TunelabError(f"{what}: the int8 model's predictions agree with the float model's on only {share:.1%} "
+                           f"of {positions} positions (at least {min_agreement:.0%} required): its weights do not "
+                           "quantise well. Use the float model (leave out --quantize), or lower --min-agreement "
+                           "if that is acceptable")
+    return doc
