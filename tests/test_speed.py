@@ -226,3 +226,26 @@ def test_training_with_bucketed_padding(tmp_path, conll_dir, tiny_model_dir):
     assert max(abs(a - b) for a, b in zip(plain, bucketed)) < 1e-4
     assert reports[0]["test"]["main"] == reports[1]["test"]["main"]
     assert reports[1]["padding_share"] > reports[0]["padding_share"]  # the extra padding is counted
+
+
+# --- train.bf16: auto ----------------------------------------------------------------------------------------
+
+
+def test_bf16_auto_follows_the_hardware(monkeypatch):
+    import pytest
+
+    from tunelab import runtime
+    from tunelab.config import load_config
+    from tunelab.errors import TunelabError
+
+    data = ["data.dataset=conll2003", "train.device=cpu"]
+    for flags, want in ((["avx512f", "avx512_bf16"], True), (["amx_bf16"], True), (["avx512f", "avx2"], False),
+                        ([], False)):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
+        assert runtime.fast_bf16("cpu") is want
+        assert load_config(None, data).train.bf16 is want  # auto is the default, resolved at load
+        assert load_config(None, data + ["train.bf16=auto"]).train.bf16 is want
+        assert load_config(None, data + ["train.bf16=false"]).train.bf16 is False
+        assert load_config(None, data + ["train.bf16=true"]).train.bf16 is True
+    with pytest.raises(TunelabError, match="use true, false or auto"):
+        load_config(None, data + ["train.bf16=fast"])

@@ -98,6 +98,12 @@ class Predictor:
         tasks = self.tasks or {None: self.task}
         for t in tasks.values():
             q.refuse_unsupported(t, self.device)
+        from tunelab.config import ADAPTERS
+
+        if self.tasks and self.meta.get("tune") in ADAPTERS:
+            raise TunelabError(f"{self.dir}: a multi-task folder with per-task {self.meta.get('tune')} adapters "
+                               "cannot be quantised as one model; export a task (tunelab export --task NAME) and "
+                               "quantise that")
         if self.meta.get("adapter"):
             if self.meta.get("tune") in ("prompt", "prefix"):
                 raise TunelabError(f"{self.dir}: a {self.meta['tune']}-tuning adapter cannot be merged into the "

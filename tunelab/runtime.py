@@ -40,12 +40,17 @@ def fast_bf16(device: str = "auto") -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if name != "cpu":
         return False
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return []
 
 
 def autocast(device: torch.device, bf16: bool):

@@ -4,6 +4,7 @@ with its metadata (tunelab.json). Recipes call these in their loops; none import
 """
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -174,8 +175,6 @@ class Pace:
 
     def __init__(self, device, threads: int, warmup: int = 3, window: int = 10, slow: float = 0.4,
                  load=None, cores: int | None = None):
-        import os
-
         self.on = getattr(device, "type", str(device)) == "cpu"
         self.threads, self.warmup, self.window, self.slow = threads, warmup, window, slow
         self.load = load or (lambda: os.getloadavg()[0])
