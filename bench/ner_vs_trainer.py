@@ -7,6 +7,9 @@ epochs, batch size, learning rate, warmup, weight decay, seed and torch threads:
   tunelab          tunelab.train.train, bf16 autocast (the shipped recipes' setting), length-grouped batches
   tunelab_fp32     the same in fp32 (optional)
   tunelab_pad8     "tunelab" with train.pad_to_multiple_of=8 (optional): fewer distinct batch shapes
+  tunelab_pad1     "tunelab" with train.pad_to_multiple_of=1 (optional): padded to the longest sequence only
+  tunelab_random   "tunelab" with random batches (train.group_by_length=false; optional)
+  tunelab_tokens   "tunelab" with train.loss_weighting=tokens (optional): batches weighted by labelled tokens
   trainer_default  Trainer as run_ner.py uses it, with its defaults: fp32, random batches
   trainer_best     Trainer with bf16=True (autocast) and length-grouped batches
   tunelab_before   "tunelab" exactly, but importing tunelab from another checkout (--before PATH), e.g. the commit
@@ -48,7 +51,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RUNS = ("tunelab", "tunelab_fp32", "trainer_default", "trainer_best", "tunelab_before", "tunelab_pad8")
+RUNS = ("tunelab", "tunelab_fp32", "trainer_default", "trainer_best", "tunelab_before", "tunelab_pad8", "tunelab_pad1",
+        "tunelab_random", "tunelab_tokens")
+# tunelab runs that differ from "tunelab" by config overrides
+VARIANTS = {"tunelab_pad8": ["train.pad_to_multiple_of=8"], "tunelab_pad1": ["train.pad_to_multiple_of=1"],
+            "tunelab_random": ["train.group_by_length=false"], "tunelab_tokens": ["train.loss_weighting=tokens"]}
 # The bf16 training speed this CPU allows a MiniLM step (matmul peak 423 GFLOP/s at about 64 MFLOP per trained
 # token, issue #21): each run's tokens/s is also given as a share of it.
 LIMIT_TOKENS_PER_S = 6600
@@ -90,7 +97,7 @@ def peak_rss_mib() -> float:
 # tunelab
 
 
-def run_tunelab(args, bf16: bool, pad_multiple: int = 1) -> dict:
+def run_tunelab(args, bf16: bool, extra: tuple = ()) -> dict:
     import torch
 
     from tunelab.config import load_config
@@ -107,7 +114,7 @@ def run_tunelab(args, bf16: bool, pad_multiple: int = 1) -> dict:
         "train.scheduler=linear", "train.max_grad_norm=1.0", "train.grad_accum=1", "train.group_by_length=true",
         f"train.seed={args.seed}", f"train.bf16={'true' if bf16 else 'false'}", "train.device=cpu",
         f"train.threads={args.threads}", "train.patience=null", "data.context_sentences=0",
-    ] + ([f"train.pad_to_multiple_of={pad_multiple}"] if pad_multiple > 1 else [])  # (a --before tree may lack it)
+    ] + list(extra)  # (none for tunelab_before: an older tree may lack the newer keys)
     cfg = load_config(None, overrides)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
@@ -119,7 +126,8 @@ def run_tunelab(args, bf16: bool, pad_multiple: int = 1) -> dict:
     losses = [h["loss"] for h in report["history"]]
     step_seconds = [h["seconds"] for h in report["history"] if h.get("seconds") is not None]
     return {
-        "side": "tunelab", "bf16": bf16, "group_by_length": True, "pad_to_multiple_of": pad_multiple,
+        "side": "tunelab", "bf16": bf16, "group_by_length": "train.group_by_length=false" not in extra,
+        "overrides": list(extra),
         "train_seconds": report["train_seconds"], "total_seconds": total,
         "train_tokens": report["train_tokens"], "tokens_per_second": report["tokens_per_second"],
         "padding_share": report["padding_share"], "padding_measured": "every training batch (tunelab's own count)",
@@ -351,8 +359,8 @@ def child_main(args) -> None:
             result.update(run_tunelab(args, bf16=True))
         elif args.child == "tunelab_fp32":
             result.update(run_tunelab(args, bf16=False))
-        elif args.child == "tunelab_pad8":
-            result.update(run_tunelab(args, bf16=True, pad_multiple=8))
+        elif args.child in VARIANTS:
+            result.update(run_tunelab(args, bf16=True, extra=VARIANTS[args.child]))
         elif args.child == "trainer_default":
             result.update(run_trainer(args, best=False))
         elif args.child == "trainer_best":

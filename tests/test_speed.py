@@ -249,3 +249,34 @@ def test_bf16_auto_follows_the_hardware(monkeypatch):
         assert load_config(None, data + ["train.bf16=true"]).train.bf16 is True
     with pytest.raises(TunelabError, match="use true, false or auto"):
         load_config(None, data + ["train.bf16=fast"])
+
+
+# --- train.loss_weighting: tokens --------------------------------------------------------------------------------
+
+
+def test_token_weights_give_every_labelled_token_the_same_weight():
+    import pytest
+
+    from tunelab.distributed import batch_weights
+
+    feats = [{"labels": [-100] + [1] * n + [-100]} for n in (1, 1, 1, 1, 5, 5, 5, 5)]
+    w = batch_weights(feats, [[0, 1, 2, 3], [4, 5, 6, 7]])  # 4 and 20 labelled tokens, mean 12
+    assert w == [4 / 12, 20 / 12]
+    # a step's gradient is sum_b w_b * mean_b = sum over tokens / mean units: each token weighs the same
+    per_token = [wb / sum(len(f["labels"]) - 2 for f in fs) for wb, fs in zip(w, (feats[:4], feats[4:]))]
+    assert per_token == pytest.approx([1 / 12] * 2)
+    assert batch_weights([{"labels": 3}] * 6, [[0, 1, 2], [3, 4, 5]]) == [1.0, 1.0]  # classes: one unit each
+
+
+def test_token_weighted_training_logs_the_plain_loss(tmp_path, conll_dir, tiny_model_dir):
+    from conftest import ner_overrides
+
+    from tunelab.config import load_config
+    from tunelab.train import train
+
+    reports = [train(load_config(None, ner_overrides(conll_dir, tiny_model_dir, tmp_path / w, **{
+        "train.epochs": 1, "train.loss_weighting": w, "model.dropout": 0.0, "train.max_grad_norm": 0}))) for w in
+        ("batch", "tokens")]  # (no clipping: a clipped gradient has its norm, whatever the batch's weight)
+    plain, weighted = ([h["loss"] for h in r["history"]] for r in reports)
+    assert abs(plain[0] - weighted[0]) < 1e-6  # the same first batch and weights: the same (unweighted) loss
+    assert max(abs(a - b) for a, b in zip(plain[1:], weighted[1:])) > 1e-4  # then the updates differ

@@ -37,6 +37,7 @@ CONTINUAL = ("ewc", "replay", "lwf", "pseudo", "adapters")
 ESTIMATORS = ("reinforce", "rloo", "self_critical", "ppo")
 SAMPLINGS = ("proportional", "temperature", "round_robin", "annealed")
 WEIGHTINGS = ("fixed", "uncertainty", "pcgrad")
+LOSS_WEIGHTINGS = ("batch", "tokens")
 SCHEDULERS = ("linear", "cosine", "constant")
 ADVERSARIAL = ("none", "fgm", "pgd", "freelb")  # tunelab.robust: perturbations of the input embeddings
 # tunelab.robust.augment.OPS (that module's registry is checked against this list by a test)
@@ -156,6 +157,10 @@ class TrainConfig:
     scheduler: str = choice("linear", SCHEDULERS)
     max_grad_norm: float | None = ranged(1.0, ge=0)  # None or 0: no clipping
     group_by_length: bool = True
+    # batch: each batch's mean loss counts alike (the usual); tokens: a batch counts by its share of the
+    # epoch's loss units (labelled tokens; examples), so that length-grouped batches weigh every token as
+    # random batches do instead of favouring the tokens of short-sentence batches
+    loss_weighting: str = choice("batch", LOSS_WEIGHTINGS)
     # training batches padded to a multiple of this length: fewer distinct shapes, so the allocator reuses
     # more (on CoNLL-2003 with MiniLM on a CPU, 8 against 1: 6-15 % lower peak memory at the same speed;
     # docs/benchmarks.md); 1 pads to the longest sequence only
@@ -468,6 +473,9 @@ def _validate(cfg: RunConfig, sources: dict):
                     f"run, where it evaluates the model as it is; task={cfg.task} trains by its own steps")
     if isinstance(cfg.train.bf16, str) and cfg.train.bf16 != "auto":
         raise _fail(sources, "train.bf16", f"config key 'train.bf16': {cfg.train.bf16!r}; use true, false or auto")
+    if cfg.train.loss_weighting != "batch" and cfg.task in ("multitask", "continual", "rl"):
+        raise _fail(sources, "train.loss_weighting", "config key 'train.loss_weighting' is for a single task's "
+                    f"run; task={cfg.task} weighs its batches its own way (remove the key)")
     if cfg.train.gradient_checkpointing and cfg.task in ("multitask", "continual", "rl"):
         raise _fail(sources, "train.gradient_checkpointing", "config key 'train.gradient_checkpointing' is for a "
                     f"single task's run; task={cfg.task} does not support it yet (remove the key)")

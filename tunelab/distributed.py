@@ -180,6 +180,14 @@ def loss_weight(features: list, global_rows: list, mine: list, dist: Dist) -> fl
     return dist.world * sum(loss_units(features[i]) for i in mine) / max(1, total)
 
 
+def batch_weights(features: list, batches: list[list[int]]) -> list[float]:
+    """train.loss_weighting=tokens: each batch's weight on its mean loss, its loss units over the epoch's mean
+    units per batch, so that every unit (a labelled token) weighs the same whatever the batch it falls in."""
+    units = [sum(loss_units(features[i]) for i in b) for b in batches]
+    mean = sum(units) / max(1, len(units))
+    return [u / mean if mean else 1.0 for u in units]
+
+
 def rng_states(dist: Dist) -> dict:
     """Every rank's torch RNG state (dropout), collected on every rank: {"torch": rank 0's, "torch.rank1": ...}."""
     own = torch.get_rng_state()

@@ -73,12 +73,14 @@ class Result:
 
 
 def micro_batch(forward: Callable, model, batch: dict, *, device, bf16: bool, step: Step | None = None,
-                share: float = 1.0, accum: int = 1, weigh: Callable | None = None) -> Result:
+                share: float = 1.0, accum: int = 1, weigh: Callable | None = None, weight: float = 1.0) -> Result:
     """Forward, loss, backward of one micro-batch; gradients accumulate in .grad.
 
     forward(**batch) -> model output (the DDP-wrapped model in a distributed run, or a multi-task model
     bound to one task). share: this process's weight on its mean loss (1 on one process; 0 when it has no
     labelled unit in this global batch and runs a stand-in row). accum: micro-batches per optimizer step.
+    weight: this micro-batch's weight in the step's gradient (train.loss_weighting=tokens: its share of loss
+    units); it scales what is differentiated, not the logged loss.
     weigh(loss) -> the loss to differentiate (multi-task weighting; affine in the loss, as fixed and
     uncertainty weighting are); None: the loss itself. A perturbation's losses get weigh's factor on the loss
     only, weigh(l) - weigh(0): its additive part (uncertainty weighting's ½·s) is the clean loss's alone."""
@@ -89,8 +91,10 @@ def micro_batch(forward: Callable, model, batch: dict, *, device, bf16: bool, st
         with autocast(device, bf16):
             return forward(**inputs)
 
+    scale = share * weight
+
     def backward(objective: torch.Tensor) -> None:
-        ((objective * share if share != 1 else objective) / accum).backward()
+        ((objective * scale if scale != 1 else objective) / accum).backward()
 
     def weighted(loss: torch.Tensor) -> torch.Tensor:  # a perturbed pass's task loss, weighted as the clean one
         return weigh(loss.float()) - weigh(loss.new_zeros((), dtype=torch.float32)) if weigh is not None else loss
@@ -109,7 +113,7 @@ def micro_batch(forward: Callable, model, batch: dict, *, device, bf16: bool, st
             objective = objective + value
         backward(objective)
     logs = perturbation(mb, lambda loss: backward(weighted(loss))) if perturbation is not None else {}
-    return Result(loss.item() * share, objective.item() * share / accum, terms, logs)
+    return Result(loss.item() * share, objective.item() * scale / accum, terms, logs)
 
 
 def mean_logs(results: list[Result]) -> dict:
