@@ -10,6 +10,7 @@ epochs, batch size, learning rate, warmup, weight decay, seed and torch threads:
   tunelab_pad1     "tunelab" with train.pad_to_multiple_of=1 (optional): padded to the longest sequence only
   tunelab_random   "tunelab" with random batches (train.group_by_length=false; optional)
   tunelab_tokens   "tunelab" with train.loss_weighting=tokens (optional): batches weighted by labelled tokens
+  tunelab_pool8/2  "tunelab" with train.length_pool=8 / 2 (optional): length grouping within smaller pools
   trainer_default  Trainer as run_ner.py uses it, with its defaults: fp32, random batches
   trainer_best     Trainer with bf16=True (autocast) and length-grouped batches
   tunelab_before   "tunelab" exactly, but importing tunelab from another checkout (--before PATH), e.g. the commit
@@ -52,10 +53,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 RUNS = ("tunelab", "tunelab_fp32", "trainer_default", "trainer_best", "tunelab_before", "tunelab_pad8", "tunelab_pad1",
-        "tunelab_random", "tunelab_tokens")
+        "tunelab_random", "tunelab_tokens", "tunelab_pool8", "tunelab_pool2")
 # tunelab runs that differ from "tunelab" by config overrides
 VARIANTS = {"tunelab_pad8": ["train.pad_to_multiple_of=8"], "tunelab_pad1": ["train.pad_to_multiple_of=1"],
-            "tunelab_random": ["train.group_by_length=false"], "tunelab_tokens": ["train.loss_weighting=tokens"]}
+            "tunelab_random": ["train.group_by_length=false"], "tunelab_tokens": ["train.loss_weighting=tokens"],
+            "tunelab_pool8": ["train.length_pool=8"], "tunelab_pool2": ["train.length_pool=2"]}
 # The bf16 training speed this CPU allows a MiniLM step (matmul peak 423 GFLOP/s at about 64 MFLOP per trained
 # token, issue #21): each run's tokens/s is also given as a share of it.
 LIMIT_TOKENS_PER_S = 6600

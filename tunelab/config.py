@@ -157,6 +157,8 @@ class TrainConfig:
     scheduler: str = choice("linear", SCHEDULERS)
     max_grad_norm: float | None = ranged(1.0, ge=0)  # None or 0: no clipping
     group_by_length: bool = True
+    # length grouping sorts pools of this many batches by length: smaller pools mix more (less padding saved)
+    length_pool: int = ranged(64, ge=1)
     # batch: each batch's mean loss counts alike (the usual); tokens: a batch counts by its share of the
     # epoch's loss units (labelled tokens; examples), so that length-grouped batches weigh every token as
     # random batches do instead of favouring the tokens of short-sentence batches
