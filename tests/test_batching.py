@@ -112,3 +112,13 @@ def test_epoch_batches_put_the_longest_batch_first():
             rest = epoch_batches(lengths, 16, seed=1, epoch=epoch, group_by_length=group, longest_first=False)
             k = rest.index(batches[0])  # the same batches; only the longest one moved to the front
             assert batches == [rest[k]] + rest[:k] + rest[k + 1:]
+
+
+def test_longest_first_moves_a_whole_accumulation_step():
+    # 2 batches of 4 accumulated are the batch of 8 split in two, longest first or not
+    rng = random.Random(9)
+    lengths = [rng.randint(3, 90) for _ in range(200)]
+    eights = epoch_batches(lengths, 8, seed=2, epoch=0, group_by_length=False)
+    fours = epoch_batches(lengths, 4, seed=2, epoch=0, group_by_length=False, step_batches=2)
+    assert [a + b for a, b in zip(fours[::2], fours[1::2])] == eights
+    assert max(lengths) in [lengths[i] for i in eights[0]]

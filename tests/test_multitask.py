@@ -16,7 +16,7 @@ def mt_overrides(conll_dir, cls_dir, model_dir, out, **extra) -> list[str]:
     values = {"task": "multitask", "model.name": str(model_dir), "output_dir": str(out), "train.threads": 2,
               # a random tiny BERT learns classification from [CLS] slowly: small steps at a high rate
               "train.epochs": 6, "train.batch_size": 4, "train.lr": 5e-3, "train.warmup_ratio": 0.1,
-              "train.device": "cpu",
+              "train.device": "cpu", "train.bf16": False,
               "tasks.ner.task": "ner", "tasks.ner.data.train": conll_dir / "train.conll",
               "tasks.ner.data.dev": conll_dir / "dev.conll", "tasks.ner.data.test": conll_dir / "test.conll",
               "tasks.topic.task": "classify", "tasks.topic.data.train": cls_dir / "train.jsonl",

@@ -512,7 +512,7 @@ def test_new_task_types_share_one_backbone_in_a_multitask_run(tmp_path, tiny_mod
         write_jsonl(re_dir / f"{split}.jsonl", relation_records(600 + i, 24 if split == "train" else 8))
     values = {"task": "multitask", "model.name": tiny_model_dir, "output_dir": tmp_path / "out",
               "train.threads": 2, "train.epochs": 2, "train.batch_size": 8, "train.lr": 3e-3, "train.device": "cpu",
-              "model.max_length": 96}
+              "model.max_length": 96, "train.bf16": False}  # (the Predictor below scores in float32)
     for name, kind, d, extra in (("qa", "qa", qa_dir, {"doc_stride": 16}),
                                  ("nli", "classify", pair_dir, {"text_pair_field": "text_pair"}),
                                  ("sim", "regress", pair_dir, {"text_pair_field": "text_pair", "label_field": "score"}),

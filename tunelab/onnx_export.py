@@ -217,7 +217,7 @@ def _quantize(path: Path, features: list[dict], reference: list, pad: int, min_a
         root.setLevel(level)
     session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
     logits, _ = _session_logits(session, features, pad)
-    doc = require_agreement(reference, logits, min_agreement, f"{model_dir}: int8 export")
+    doc = require_agreement(reference, logits, features, min_agreement, f"{model_dir}: int8 export")
     doc.update(kind="int8 dynamic (onnxruntime)", bytes=int8.stat().st_size, float_bytes=path.stat().st_size)
     os.replace(int8, path)
     return doc

@@ -123,8 +123,8 @@ class Predictor:
         self.model = q.int8_dynamic(self.model, inplace=True)
         got = logits(features)
         self.quantized = {name or self.meta["task"]: q.require_agreement(
-            reference[name], got[name], min_agreement, f"{self.dir}" + (f" task {name}" if name else ""))
-            for name in tasks}
+            reference[name], got[name], features[name], min_agreement,
+            f"{self.dir}" + (f" task {name}" if name else "")) for name in tasks}
 
     def task_meta(self, task: str | None = None) -> dict:
         """The folder's metadata for one task (task type, labels, ...): of task `task` in a multi-task

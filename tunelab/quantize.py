@@ -70,12 +70,16 @@ def int8_dynamic(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Modu
         return quantize_dynamic(model.eval(), {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
-def agreement(reference: list, quantised: list) -> tuple[float, int]:
-    """Share of positions where the argmax agrees, over every feature's logits ((seq, labels) or (labels,));
-    and the number of positions compared."""
+def agreement(reference: list, quantised: list, features: list[dict]) -> tuple[float, int]:
+    """Share of the predicted positions where the argmax agrees, and how many were compared. A feature's
+    logits are (seq, labels) or (labels,); an NER feature's predicted positions are its words' first
+    sub-tokens (its "positions"), not special tokens, later sub-tokens or context."""
     same = total = 0
-    for ref, got in zip(reference, quantised):
+    for ref, got, f in zip(reference, quantised, features):
         a, b = np.asarray(ref).argmax(-1), np.asarray(got).argmax(-1)
+        if a.ndim == 1 and f.get("positions"):
+            at = [p for _, p in f["positions"]]
+            a, b = a[at], b[at]
         same += int(np.sum(a == b))
         total += int(np.size(a))
     return same / max(1, total), total
@@ -85,8 +89,9 @@ def check_texts(task) -> list[str]:
     return RELATION_CHECK_TEXTS if task.kind == "relation" else CHECK_TEXTS
 
 
-def require_agreement(reference: list, quantised: list, min_agreement: float, what: str) -> dict:
-    share, positions = agreement(reference, quantised)
+def require_agreement(reference: list, quantised: list, features: list[dict], min_agreement: float,
+                      what: str) -> dict:
+    share, positions = agreement(reference, quantised, features)
     worst = max((float(np.max(np.abs(np.asarray(r, dtype=np.float64) - np.asarray(q, dtype=np.float64))))
                  for r, q in zip(reference, quantised)), default=0.0)
     doc = {"kind": "int8 dynamic", "agreement": share, "positions": positions, "min_agreement": min_agreement,

@@ -54,7 +54,7 @@ def model_inputs(batch: dict) -> dict:
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
-                  mega: int = 64, longest_first: bool = True) -> list[list[int]]:
+                  mega: int = 64, longest_first: bool = True, step_batches: int = 1) -> list[list[int]]:
     """The batch order of one epoch, a pure function of (seed, epoch) so that a resumed run replays it.
 
     Length grouping: shuffle, cut into mega-batches of `mega` batches, sort each by length, batch, then
@@ -67,7 +67,8 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
     (page faults the kernel must zero) while smaller blocks fragment the heap; after the longest batch
     first, later batches' tensors reuse its freed memory. (A GPU's caching allocator gains the same way, and
     an out-of-memory batch size fails at the first step instead of hours in.) longest_first=False only
-    measures what this is worth.
+    measures what this is worth. step_batches: the batches of one optimizer step (gradient accumulation)
+    move together, so that accumulating k batches of n is still one batch of k*n split in k.
     """
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
@@ -80,8 +81,10 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
     if group_by_length:
         rng.shuffle(batches)
     if batches and longest_first:
-        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-        batches.insert(0, batches.pop(longest))
+        steps = [batches[k:k + step_batches] for k in range(0, len(batches), step_batches)]
+        longest = max(range(len(steps)), key=lambda s: max(lengths[i] for b in steps[s] for i in b))
+        steps.insert(0, steps.pop(longest))
+        batches = [b for step in steps for b in step]
     return batches
 
 

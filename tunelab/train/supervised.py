@@ -123,7 +123,8 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     while state["step"] < total_steps and not state["stopped_early"]:
         features = epoch_data(tc.seed, state["epoch"])
         lengths = [len(f["input_ids"]) for f in features]
-        batches = epoch_batches(lengths, tc.batch_size, tc.seed, state["epoch"], tc.group_by_length, tc.length_pool)
+        batches = epoch_batches(lengths, tc.batch_size, tc.seed, state["epoch"], tc.group_by_length, tc.length_pool,
+                                step_batches=tc.grad_accum)
         weigh = distributed.batch_weights(features, batches) if tc.loss_weighting == "tokens" else None
         t0 = step_start = time.perf_counter()
         results, step_tokens, step_rows = [], 0, 0
