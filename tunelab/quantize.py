@@ -19,7 +19,9 @@ import torch
 from tunelab.errors import TunelabError
 
 KINDS = ("int8",)
-MIN_AGREEMENT = 0.98
+# A broken quantisation (outlier activations) agrees on a few tenths of the predictions; a sound one on over
+# 99 % (the CoNLL quick-start model: 99.5 %), an under-trained model with many near-ties on about 97 %.
+MIN_AGREEMENT = 0.95
 
 # The inputs of parity and agreement checks (ONNX export, int8) when no --check-data is given: short and long,
 # punctuation, non-ASCII, and one text long enough to be cut into windows (NER) or truncated (classification).
