@@ -357,7 +357,7 @@ def learn(model, streams: dict, dev: dict, step: Step, cfg, where: Path, resume:
                                            round(tc.warmup_ratio * total_steps), total_steps, mtm.head_modules(model))
     eval_every = tc.eval_every or steps_per_epoch
     batches = {k: TaskStream(lambda seed, epoch, f=streams[k][2]: f, sizes[k], tc.batch_size, tc.seed + i,
-                             tc.group_by_length, k) for i, k in enumerate(keys)}
+                             tc.group_by_length, k, tc.length_pool) for i, k in enumerate(keys)}
     probs = task_probabilities(sizes, "proportional")
     state = {"step": 0, "draws": 0, "drawn": {k: 0 for k in keys}, "history": [], "evals": [],
              "train_seconds": 0.0, "tokens": 0, "total_steps": total_steps}

@@ -52,8 +52,10 @@ class TaskStream:
     default, or e.g. augmented copies); every epoch must hold `size` features, since the k-th batch's epoch
     is k // batches-per-epoch."""
 
-    def __init__(self, data, size: int, batch_size: int, seed: int, group_by_length: bool, name: str = "task"):
+    def __init__(self, data, size: int, batch_size: int, seed: int, group_by_length: bool, name: str = "task",
+                 pool: int = 64):
         self.data, self.size, self.batch_size, self.seed, self.group = data, size, batch_size, seed, group_by_length
+        self.pool = pool  # train.length_pool
         self.name = name
         self.per_epoch = -(-size // batch_size)
         self._epoch, self._batches, self.features, self.lengths = None, None, None, None
@@ -68,5 +70,5 @@ class TaskStream:
                                  f"{self.size} every epoch of a multi-task stream must have")
             self._epoch, self.features = epoch, features
             self.lengths = [len(f["input_ids"]) for f in features]
-            self._batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch, self.group)
+            self._batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch, self.group, self.pool)
         return self._batches[k % self.per_epoch]

@@ -99,7 +99,8 @@ def train(cfg, resume: bool = False, overwrite: bool = False, *, step: Step | No
     epoch_data = {n: (epoch_data or {}).get(n) or
                   augmenter_from_config(cfg.robust, splits[n].train, tasks[n], model.heads[n], same_count=True) or
                   (lambda seed, epoch, encoded=features[n]: encoded) for n in names}
-    streams = {n: TaskStream(epoch_data[n], sizes[n], tc.batch_size, tc.seed + i, tc.group_by_length, n)
+    streams = {n: TaskStream(epoch_data[n], sizes[n], tc.batch_size, tc.seed + i, tc.group_by_length, n,
+                             tc.length_pool)
                for i, n in enumerate(names)}
     shared = [p for p in model.backbone.parameters() if p.requires_grad]
     weigh = model.uncertainty if mc.weighting == "uncertainty" else lambda name, loss: cfg.tasks[name].weight * loss
