@@ -280,3 +280,20 @@ def test_token_weighted_training_logs_the_plain_loss(tmp_path, conll_dir, tiny_m
     plain, weighted = ([h["loss"] for h in r["history"]] for r in reports)
     assert abs(plain[0] - weighted[0]) < 1e-6  # the same first batch and weights: the same (unweighted) loss
     assert max(abs(a - b) for a, b in zip(plain[1:], weighted[1:])) > 1e-4  # then the updates differ
+
+
+def test_int8_only_where_its_check_means_something():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from tunelab.errors import TunelabError
+    from tunelab.quantize import refuse_unsupported
+
+    for kind in ("ner", "classify", "relation"):
+        refuse_unsupported(SimpleNamespace(kind=kind, predicts=True), torch.device("cpu"))
+    for kind in ("regress", "multilabel", "qa", "generate", "pretrain"):
+        with pytest.raises(TunelabError, match=f"not a {kind} model"):
+            refuse_unsupported(SimpleNamespace(kind=kind, predicts=kind != "pretrain"), torch.device("cpu"))
+    with pytest.raises(TunelabError, match="runs on the CPU"):
+        refuse_unsupported(SimpleNamespace(kind="ner", predicts=True), torch.device("cuda"))

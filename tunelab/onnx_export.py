@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.quantize import MIN_AGREEMENT, check_kind, check_texts, require_agreement
+from tunelab.quantize import MIN_AGREEMENT, check_kind, check_texts, refuse_unsupported, require_agreement
 
 OPSET = 18
 def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | None = None,
@@ -67,6 +67,8 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
     if pred.meta.get("adapter") and pred.meta.get("tune") in ("prompt", "prefix"):
         raise TunelabError(f"{model_dir}: a {pred.meta['tune']}-tuning adapter cannot be merged into the weights, "
                            "so it has no plain model to export; train with tune.method lora, ia3 or full")
+    if quantize:
+        refuse_unsupported(t, "cpu")  # (the graph runs in onnxruntime on the CPU; the check needs an argmax task)
     model = pred.use(task=task)[1]
     plain = _plain_model(pred, model, task).to(pred.device)
 
