@@ -60,8 +60,9 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
     Length grouping: shuffle, cut into mega-batches of `mega` batches, sort each by length, batch, then
     shuffle the batches; examples meet different neighbours every epoch yet each batch is nearly uniform.
 
-    The batch holding the longest sequence goes first. On a CPU this is worth 10-15 % of training speed and
-    0.4 GiB of peak memory on CoNLL-2003 (bench/profile_step.py): glibc's malloc hands blocks above its mmap
+    The batch holding the longest sequence goes first. On a CPU this is worth 0.5-0.8 GiB of peak memory on
+    CoNLL-2003 with MiniLM and a few % of training speed (bench/profile_step.py, docs/benchmarks.md): glibc's
+    malloc hands blocks above its mmap
     threshold back to the kernel when they are freed and raises that threshold only to the largest block
     freed so far, so batches in random length order keep mapping fresh pages for each new longest batch
     (page faults the kernel must zero) while smaller blocks fragment the heap; after the longest batch
