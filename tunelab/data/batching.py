@@ -62,9 +62,8 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gr
 
     The batch holding the longest sequence goes first. On a CPU this is worth 0.5-0.8 GiB of peak memory on
     CoNLL-2003 with MiniLM and a few % of training speed (bench/profile_step.py, docs/benchmarks.md): glibc's
-    malloc hands blocks above its mmap
-    threshold back to the kernel when they are freed and raises that threshold only to the largest block
-    freed so far, so batches in random length order keep mapping fresh pages for each new longest batch
+    malloc hands blocks above its mmap threshold back to the kernel when they are freed and raises that
+    threshold only to the largest block freed so far, so batches in random length order keep mapping fresh pages for each new longest batch
     (page faults the kernel must zero) while smaller blocks fragment the heap; after the longest batch
     first, later batches' tensors reuse its freed memory. (A GPU's caching allocator gains the same way, and
     an out-of-memory batch size fails at the first step instead of hours in.) longest_first=False only
