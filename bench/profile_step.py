@@ -12,9 +12,9 @@ steps A..B-1.
 
 --order: whose batch order both sides follow: "tunelab" (tunelab.data.batching.epoch_batches: length-grouped
 mega-batches, batches shuffled, the longest batch first), "tunelab-random-first" (the same without moving the
-longest batch first: tunelab before 2026-12-02) or "trainer" (transformers' LengthGroupedSampler: mega-batches of 50 batches,
-each sorted longest first, the longest batch of all first). --pad-multiple N pads each batch's length up to a
-multiple of N on both sides (the collators' pad_to_multiple_of).
+longest batch first: tunelab before 2026-12-02) or "trainer" (transformers' LengthGroupedSampler: mega-batches
+of 50 batches, each sorted longest first, the longest batch of all first). --pad-multiple N pads each batch's
+length up to a multiple of N on both sides (the collators' pad_to_multiple_of).
 """
 
 import argparse
@@ -104,24 +104,10 @@ def run_tunelab(args, sentences, batches, rec: Recorder) -> None:
     forward = torch.compile(model, dynamic=True) if args.compile else model
     for s, b in enumerate(batches):
         rec.begin(s)
-        batch = collate([feats[i] for i in b], task.pad)
-        batch = pad_to_multiple(batch, args.pad_multiple, task.pad)
+        batch = collate([feats[i] for i in b], task.pad, args.pad_multiple)
         micro_batch(forward, model, batch, device=torch.device("cpu"), bf16=args.bf16)
         optimizer_step(model, opt, sched, 1.0)
         rec.end(s, sum(len(feats[i]["input_ids"]) for i in b), batch["input_ids"].shape)
-
-
-def pad_to_multiple(batch: dict, n: int, pad_id: int) -> dict:
-    import torch
-
-    if n <= 1:
-        return batch
-    length = batch["input_ids"].shape[1]
-    extra = -length % n
-    if not extra:
-        return batch
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "token_type_ids": 0}
-    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if v.dim() == 2 else v for k, v in batch.items()}
 
 
 def run_trainer(args, sentences, batches, rec: Recorder) -> None:
@@ -133,6 +119,7 @@ def run_trainer(args, sentences, batches, rec: Recorder) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from ner_vs_trainer import encode_run_ner
 
+    from tunelab.data.batching import padded_length
     from tunelab.models import resolve_model_path
 
     transformers.utils.logging.set_verbosity_error()
@@ -162,9 +149,7 @@ def run_trainer(args, sentences, batches, rec: Recorder) -> None:
         def on_step_end(self, a, s, c, **kw):
             k = state["step"]
             b = lengths[k * args.batch_size:(k + 1) * args.batch_size]
-            longest = max(b)
-            longest += -longest % args.pad_multiple if args.pad_multiple > 1 else 0
-            rec.end(k, sum(b), (len(b), longest))
+            rec.end(k, sum(b), (len(b), padded_length(b, args.pad_multiple)))
             state["step"] += 1
 
     trainer = Trainer(model=model, args=targs, train_dataset=ordered, processing_class=tok, data_collator=collator,

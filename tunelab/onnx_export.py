@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.quantize import MIN_AGREEMENT, check_kind, check_texts, refuse_unsupported, require_agreement
+from tunelab.quantize import MIN_AGREEMENT, check_features, check_kind, refuse_unsupported, require_agreement
 
 OPSET = 18
 def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | None = None,
@@ -37,7 +37,6 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
     agree with PyTorch's on at least `min_agreement` of the check inputs' positions (else nothing is
     written)."""
     ort = _onnxruntime()
-    from tunelab.data.examples import TextExample
     from tunelab.inference import feature_logits
     from tunelab.predict import Predictor
 
@@ -72,9 +71,7 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
     model = pred.use(task=task)[1]
     plain = _plain_model(pred, model, task).to(pred.device)
 
-    texts = texts or check_texts(t)
-    examples, _ = t.text_examples([TextExample(x, None, "<check>", i + 1) for i, x in enumerate(texts)])
-    features = t.encode(examples, training=False)
+    features = check_features(t, texts)
     if len(features) < 2:
         raise TunelabError("the parity check needs at least 2 inputs; give more texts with --check-data")
     # The reference: the logits tunelab predict computes with the folder's own model (adapters not merged).

@@ -89,7 +89,6 @@ class Predictor:
         """The model replaced by its int8 version, after checking that both predict alike on the built-in
         check texts (every task of a multi-task folder)."""
         from tunelab import quantize as q
-        from tunelab.data.examples import TextExample
 
         q.check_kind(kind)
         if self.bf16:
@@ -114,13 +113,9 @@ class Predictor:
             return {name: feature_logits(self.use(task=name)[1], features_of[name], t.pad, self.device,
                                          batch_size=self.batch_size) for name, t in tasks.items()}
 
-        features = {}
-        for name, t in tasks.items():
-            examples, _ = t.text_examples([TextExample(x, None, "<check>", i + 1)
-                                           for i, x in enumerate(q.check_texts(t))])
-            features[name] = t.encode(examples, training=False)
+        features = {name: q.check_features(t) for name, t in tasks.items()}
         reference = logits(features)
-        self.model = q.int8_dynamic(self.model, inplace=True)
+        self.model = q.int8_dynamic(self.model)
         got = logits(features)
         self.quantized = {name or self.meta["task"]: q.require_agreement(
             reference[name], got[name], features[name], min_agreement,

@@ -13,7 +13,6 @@ whose prediction is an argmax (NER, classification, relation extraction); for th
 score, multi-label thresholds, QA spans) an argmax check would say nothing, so they are refused.
 """
 
-import copy
 import warnings
 
 import numpy as np
@@ -64,14 +63,12 @@ def refuse_unsupported(task, device) -> None:
                            f"predictions its agreement check can compare; not a {task.kind} model")
 
 
-def int8_dynamic(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
-    """`model` with every nn.Linear replaced by torch's dynamically quantised int8 Linear (per-channel
-    weights). torch marks its eager quantisation API deprecated in favour of torchao; it is kept here because
-    it needs no extra package and its x86 kernels (fbgemm) are what makes int8 pay on a CPU."""
+def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """`model`, in place, with every nn.Linear replaced by torch's dynamically quantised int8 Linear
+    (per-channel weights). torch marks its eager quantisation API deprecated in favour of torchao; it is kept
+    here because it needs no extra package and its x86 kernels (fbgemm) are what makes int8 pay on a CPU."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    if not inplace:
-        model = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notices, once per layer
         return quantize_dynamic(model.eval(), {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
@@ -92,8 +89,14 @@ def agreement(reference: list, quantised: list, features: list[dict]) -> tuple[f
     return same / max(1, total), total
 
 
-def check_texts(task) -> list[str]:
-    return RELATION_CHECK_TEXTS if task.kind == "relation" else CHECK_TEXTS
+def check_features(task, texts: list[str] | None = None) -> list[dict]:
+    """The check inputs (`texts`, else the built-in ones for the task's kind), encoded as `tunelab predict`
+    encodes raw text (long texts windowed)."""
+    from tunelab.data.examples import TextExample
+
+    texts = texts or (RELATION_CHECK_TEXTS if task.kind == "relation" else CHECK_TEXTS)
+    examples, _ = task.text_examples([TextExample(x, None, "<check>", i + 1) for i, x in enumerate(texts)])
+    return task.encode(examples, training=False)
 
 
 def require_agreement(reference: list, quantised: list, features: list[dict], min_agreement: float,

@@ -35,7 +35,7 @@ def fast_bf16(device: str = "auto") -> bool:
     """train.bf16=auto: whether this device computes bf16 natively, so that autocast pays (about 1.5-2x on
     MiniLM training here) instead of emulating it: a CUDA GPU that supports bf16, or an x86 CPU with
     AVX512-BF16 or AMX (Linux reports them in /proc/cpuinfo). Elsewhere float32."""
-    name = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    name = pick_device(device).type if device == "auto" else device
     if name.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if name != "cpu":

@@ -125,7 +125,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         lengths = [len(f["input_ids"]) for f in features]
         batches = epoch_batches(lengths, tc.batch_size, tc.seed, state["epoch"], tc.group_by_length, tc.length_pool,
                                 step_batches=tc.grad_accum)
-        weigh = distributed.batch_weights(features, batches) if tc.loss_weighting == "tokens" else None
+        weights = distributed.batch_weights(features, batches) if tc.loss_weighting == "tokens" else None
         t0 = step_start = time.perf_counter()
         results, step_tokens, step_rows = [], 0, 0
         for b in range(state["batch"], len(batches)):
@@ -138,7 +138,7 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
             end_of_step = not ((b + 1) % tc.grad_accum and b + 1 < len(batches))
             with dist.no_sync(ddp, sync=end_of_step):  # all-reduce in the step's last backward only
                 results.append(micro_batch(forward, model, batch, device=device, bf16=tc.bf16, step=step, share=share,
-                                           accum=tc.grad_accum, weight=weigh[b] if weigh else 1.0))
+                                           accum=tc.grad_accum, weight=weights[b] if weights else 1.0))
             real = sum(lengths[i] for i in batches[b])
             step_tokens, step_rows, state["tokens"] = step_tokens + real, step_rows + len(batches[b]), \
                 state["tokens"] + real
