@@ -18,7 +18,7 @@ import yaml
 from tunelab.data.stream import FORMATS
 from tunelab.data.tags import SCHEMES
 from tunelab.errors import TunelabError, where
-from tunelab.tasks import KINDS
+from tunelab.tasks import KINDS, task_type
 
 # One tuple per set of choices, shared by the fields below and the code that acts on the value. Task types, tag
 # schemes and input formats come from their torch-free owners; tunelab.peft, rl.estimators and multitask.sampling
@@ -68,6 +68,14 @@ class ModelConfig:
     max_unk_share: float = ranged(0.3, ge=0, le=1)  # refuse data whose tokens the tokenizer mostly cannot read
     # name is a fine-tuned folder: keep its head's labels (widened for the data's new ones) or start a new head
     head: str = choice("keep", ("keep", "new"))
+    # keep only the embedding rows of the pieces the training and dev data use (tunelab.models.trim), plus the
+    # special tokens and this many of the tokenizer's most probable other pieces for unseen text
+    trim_vocab: bool = False
+    trim_reserve: int = ranged(8000, ge=0)
+    # task ner: a linear-chain CRF over the words' tag scores, trained jointly and Viterbi-decoded under the
+    # IOB2 constraints (tunelab.models.crf); its transitions are saved beside the weights (crf.safetensors)
+    crf: bool = False
+    crf_lr: float = ranged(1e-2, gt=0)  # the CRF's learning rate: its few scores start at 0 and need to move far
 
 
 @dataclass
@@ -100,7 +108,7 @@ class PretrainConfig:
 
 @dataclass
 class DataConfig:
-    # a built-in set (conll2003, msra, bbc_news, chn_sentiment, rt_sentiment, bbc_headlines, rt_prompts, chitchat,
+    # a built-in set (conll2003, msra, peoples_daily, bbc_news, chn_sentiment, rt_sentiment, bbc_headlines, rt_prompts, chitchat,
     # ecommerce_dialogue, squad, squad_shifts_*, vitaminc, xsum: tunelab.data.packaged.BUILTIN); unset: the files below
     dataset: str | None = None
     train: str | None = None
@@ -481,6 +489,16 @@ def _validate(cfg: RunConfig, sources: dict):
     if cfg.train.gradient_checkpointing and cfg.task in ("multitask", "continual", "rl"):
         raise _fail(sources, "train.gradient_checkpointing", "config key 'train.gradient_checkpointing' is for a "
                     f"single task's run; task={cfg.task} does not support it yet (remove the key)")
+    for key in ("trim_vocab", "crf"):
+        if getattr(cfg.model, key) and cfg.task in ("multitask", "continual", "rl"):
+            raise _fail(sources, f"model.{key}", f"config key 'model.{key}' is for a single task's run; "
+                        f"task={cfg.task} does not support it yet (remove the key)")
+    if cfg.model.crf and cfg.task in KINDS and not task_type(cfg.task).tag_sequences:
+        raise _fail(sources, "model.crf", f"config key 'model.crf': a CRF tags word sequences (task: ner), not "
+                    f"task={cfg.task}")
+    if cfg.model.crf and cfg.tune.method in ADAPTERS:
+        raise _fail(sources, "model.crf", f"config key 'model.crf' does not work with tune.method={cfg.tune.method} "
+                    "yet (its transitions would not be saved with the adapter); use full, bitfit or head tuning")
     if cfg.task == "multitask":
         _validate_multitask(cfg, sources)
     elif cfg.task == "rl":

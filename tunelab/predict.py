@@ -149,7 +149,12 @@ class Predictor:
         quiet_transformers()
         if not self.meta.get("adapter"):
             cls = self.task.model_class(AutoConfig.from_pretrained(str(self.dir)))
-            return cls.from_pretrained(str(self.dir), use_safetensors=True)
+            model = cls.from_pretrained(str(self.dir), use_safetensors=True)
+            if self.meta.get("options", {}).get("crf"):
+                from tunelab.models import crf
+
+                crf.load(model, self.dir, self.meta["labels"])
+            return model
         from peft import PeftModel
 
         base = load_model(resolve_model_path(self.meta["base_model"]), self.meta["task"], self.meta["labels"])

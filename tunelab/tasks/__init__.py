@@ -34,6 +34,7 @@ class Task(Protocol):
     new_head: bool  # a freshly initialised head that always trains (classification), or a pretrained one
     predicts: bool  # it makes predictions (predict, serve, export); a pre-training folder is a backbone: no
     token_level: bool  # one output row per input token (prompt tuning must shift them past its tokens)
+    tag_sequences: bool  # a tag per word (NER): a CRF (model.crf) can score and decode the sequence
     outputs: tuple  # prediction file formats besides JSONL records ("conll")
     ranks_labels: bool  # one probability per label: requests may ask for the top k
     decoder_only: bool  # on a shared multi-task backbone, only a causal LM's will do

@@ -22,6 +22,7 @@ class ClassifyTask:
     new_head = True
     predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = False
+    tag_sequences = False  # (model.crf is for tag sequences: NER)
     outputs = ("jsonl",)
     ranks_labels = True  # a probability per label: requests may ask for the top k
     main_name = "macro-F1"

@@ -34,6 +34,7 @@ class GenerateTask:
     new_head = False  # the LM head is pretrained: it trains only when the whole model does
     predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = False
+    tag_sequences = False  # (model.crf is for tag sequences: NER)
     outputs = ("jsonl",)
     ranks_labels = False
     main_name = "loss"  # main = -loss (higher is better, like every task); reports show the loss

@@ -25,6 +25,7 @@ class MultiLabelTask:
     new_head = True
     predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = False
+    tag_sequences = False  # (model.crf is for tag sequences: NER)
     outputs = ("jsonl",)
     ranks_labels = True
     main_name = "micro-F1"

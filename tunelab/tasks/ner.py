@@ -12,7 +12,7 @@ import numpy as np
 
 from tunelab.data.examples import Sentence
 from tunelab.errors import TunelabError, where
-from tunelab.tasks.common import (as_is, evaluate_by_predictions, main_score, model_loss, no_decision_to_settle,
+from tunelab.tasks.common import (as_is, evaluate_by_predictions, main_score, no_decision_to_settle,
                                   no_samples, pad_id, percent, predict_by_logits, same_every_epoch, set_labels,
                                   special_tokens)
 
@@ -25,14 +25,30 @@ def word_pieces(tokenizer, sentences: list[list[str]]) -> list[list[list[int]]]:
     (a stray control character) becomes [UNK], so that every word can carry its label."""
     enc = tokenizer(sentences, is_split_into_words=True, add_special_tokens=False)
     unk = [tokenizer.unk_token_id] if tokenizer.unk_token_id is not None else []
+    marker = word_start_piece(tokenizer)
     out = []
     for i, words in enumerate(sentences):
         pieces = [[] for _ in words]
         for tok, w in zip(enc["input_ids"][i], enc.word_ids(i)):
             if w is not None:
                 pieces[w].append(tok)
+        if marker is not None:
+            for w, p in enumerate(pieces):
+                if len(p) > 1 and p[0] == marker and _CJK_WORD.fullmatch(words[w]):
+                    del p[0]
         out.append([p if p else list(unk) for p in pieces])
     return out
+
+
+def word_start_piece(tokenizer) -> int | None:
+    """The id of a SentencePiece tokenizer's bare word-start piece ("▁"), or None.
+
+    Such a tokenizer starts every word it is given with a space, and Chinese characters mostly lack a
+    "▁X" piece, so character words would each cost two pieces, "▁" and the character, where running text
+    has just the character (XLM-R reads 中国人 as one piece or three bare ones). word_pieces drops that
+    bare marker before a word of Chinese characters, so a character sequence is read as it is written."""
+    piece = tokenizer.convert_tokens_to_ids("\u2581")
+    return piece if isinstance(piece, int) and piece != tokenizer.unk_token_id else None
 
 
 def windows(counts: list[int], budget: int, overlap: int) -> list[tuple[int, int, int, int]]:
@@ -76,6 +92,7 @@ class NerTask:
     new_head = True  # a freshly initialised classifier: trained (and saved) under every tuning method
     predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = True  # one output row per input token
+    tag_sequences = True  # a tag per word, scored as a sequence: model.crf can decode it
     outputs = ("jsonl", "conll")  # prediction file formats
     ranks_labels = False  # labels per word, not one ranked list
     main_name = "entity micro-F1"  # what `main` is, in reports
@@ -85,7 +102,7 @@ class NerTask:
     donor_rank = 2  # which task model lends the shared backbone in multi-task runs (lowest first)
     decoder_only = False  # any backbone with a token-classification head will do
 
-    def __init__(self, tokenizer, labels: list[str], max_length: int, context_sentences: int = 0):
+    def __init__(self, tokenizer, labels: list[str], max_length: int, context_sentences: int = 0, crf: bool = False):
         self.tokenizer = tokenizer
         self.labels = labels
         self.label2id = {label: i for i, label in enumerate(labels)}
@@ -95,6 +112,8 @@ class NerTask:
         self.prefix, self.suffix = special_tokens(tokenizer)
         self.budget = max_length - len(self.prefix) - len(self.suffix)
         self.allowed, self.start_allowed = iob2_transitions(labels)
+        self.crf = crf  # model.crf: the model carries a CRF (tunelab.models.crf) that scores and decodes
+        self.crf_scores = None  # its transition scores, taken from the model each time it predicts
 
     def encode(self, sentences: list[Sentence], training: bool) -> list[dict]:
         pieces = word_pieces(self.tokenizer, [s.words for s in sentences])
@@ -139,21 +158,31 @@ class NerTask:
                             right = right + ids
         return left, right
 
-    def decode(self, features, logits, n_examples):
+    def decode(self, features, logits, n_examples, crf_scores=None):
         """Per example: (tags, scores) for every word. The tags are the most probable *valid* IOB2 sequence
         (constrained Viterbi): a per-word argmax can say O I-PER or B-PER I-ORG, which strict scoring and
-        users then have to guess about; patching such an I- into a B- after the fact adds false entities."""
-        word_probs = [dict() for _ in range(n_examples)]
+        users then have to guess about; patching such an I- into a B- after the fact adds false entities.
+        With a CRF (`crf_scores`, else the scores the model last predicted with), the path maximises the
+        words' logits plus the CRF's transition, start and end scores. A word's score is its tag's softmax
+        probability from the logits."""
+        crf_scores = crf_scores if crf_scores is not None else self.crf_scores
+        if self.crf and crf_scores is None:
+            raise TunelabError("this NER model decodes with a CRF, but none was given (its crf.safetensors)")
+        word_logits = [dict() for _ in range(n_examples)]
         for feat, lg in zip(features, logits):
             lg = np.asarray(lg, dtype=np.float32)
+            for w, pos in feat["positions"]:
+                word_logits[feat["example"]][w] = lg[pos]
+        out = []
+        for wl in word_logits:
+            lg = np.stack([wl[w] for w in range(len(wl))])
             probs = np.exp(lg - lg.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
-            for w, pos in feat["positions"]:
-                word_probs[feat["example"]][w] = probs[pos]
-        out = []
-        for wp in word_probs:
-            probs = np.stack([wp[w] for w in range(len(wp))])
-            path = viterbi(np.log(np.maximum(probs, 1e-12)), self.allowed, self.start_allowed)
+            if self.crf:
+                path = viterbi(lg, self.allowed, self.start_allowed, crf_scores["transitions"],
+                               crf_scores["start"], crf_scores["end"])
+            else:
+                path = viterbi(np.log(np.maximum(probs, 1e-12)), self.allowed, self.start_allowed)
             out.append(([self.labels[k] for k in path], [float(probs[i, k]) for i, k in enumerate(path)]))
         return out
 
@@ -162,8 +191,30 @@ class NerTask:
 
         return entity_metrics([s.tags for s in sentences], [p[0] for p in predictions])
 
-    predict = predict_by_logits  # per example: (tags, scores)
+    def predict(self, model, examples, device, bf16=False, batch_size=64, desc=None, max_new_tokens=None,
+                dist=None) -> list:
+        """Per example: (tags, scores); with a CRF, decoded by the model's current transition scores."""
+        if self.crf:
+            if getattr(model, "crf", None) is None:
+                raise TunelabError("this NER task decodes with a CRF, but the model has none (model.crf)")
+            self.crf_scores = model.crf.scores()
+        return predict_by_logits(self, model, examples, device, bf16, batch_size, desc, max_new_tokens, dist)
+
     evaluate = evaluate_by_predictions
+
+    def objective(self, forward):
+        """The training forward: the model's own cross-entropy, or with a CRF its sequence NLL per word
+        (tunelab.models.crf.CRF.word_loss, reached through the model's `crf` submodule)."""
+        if not self.crf:
+            return forward
+
+        def run(**batch):
+            labels = batch.pop("labels")
+            out = forward(**batch)
+            crf = getattr(forward, "module", forward).crf  # (the model inside a DDP wrapper)
+            out["loss"] = crf.word_loss(out.logits, labels)
+            return out
+        return run
 
     # ---- what the task is, outside one tokenizer: data, model class, options, saved metadata, records ----
 
@@ -262,7 +313,6 @@ class NerTask:
         types = {t[2:] for t in labels if t != "O"}
         return [(_only_types(tags, types), scores) for tags, scores in predictions]
 
-    objective = staticmethod(model_loss)
     epoch_features = same_every_epoch
     settle = no_decision_to_settle
 
@@ -288,11 +338,11 @@ class NerTask:
 
     @classmethod
     def build(cls, tokenizer, labels, max_length, options: dict):
-        return cls(tokenizer, labels, max_length, options.get("context_sentences", 0))
+        return cls(tokenizer, labels, max_length, options.get("context_sentences", 0), options.get("crf", False))
 
     def meta(self) -> dict:
         return {"task": self.kind, "labels": self.labels, "max_length": self.max_length,
-                "context_sentences": self.context_sentences}
+                "context_sentences": self.context_sentences, **({"options": {"crf": True}} if self.crf else {})}
 
     def describe(self) -> dict:
         """What the HTTP API says about this task."""
@@ -356,18 +406,22 @@ def iob2_transitions(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return allowed, ~np.array(inside)
 
 
-def viterbi(logp: np.ndarray, allowed: np.ndarray, start: np.ndarray) -> list[int]:
-    """Most probable label path under hard transition constraints. logp: (words, labels) log-probabilities.
-    Where the per-word argmax is already valid it is returned unchanged."""
+def viterbi(logp: np.ndarray, allowed: np.ndarray, start: np.ndarray, transitions=None, start_scores=None,
+            end_scores=None) -> list[int]:
+    """Most probable label path under hard transition constraints. logp: (words, labels) log-probabilities
+    (or a CRF's emission scores, with its `transitions` [previous, next], `start_scores` and `end_scores`).
+    Without CRF scores, where the per-word argmax is already valid it is returned unchanged."""
     neg = -1e30
-    trans = np.where(allowed, 0.0, neg)
-    score = np.where(start, logp[0], neg)
+    trans = np.where(allowed, 0.0 if transitions is None else transitions, neg)
+    score = np.where(start, logp[0] + (0.0 if start_scores is None else start_scores), neg)
     back = []
     for t in range(1, len(logp)):
         cand = score[:, None] + trans  # (previous label, current label)
         prev = cand.argmax(0)
         score = cand[prev, np.arange(len(prev))] + logp[t]
         back.append(prev)
+    if end_scores is not None:
+        score = score + end_scores
     path = [int(score.argmax())]
     for prev in reversed(back):
         path.append(int(prev[path[-1]]))
@@ -376,7 +430,9 @@ def viterbi(logp: np.ndarray, allowed: np.ndarray, start: np.ndarray) -> list[in
 
 # One CJK character is one word, as BERT's basic tokenizer treats it; elsewhere runs of word characters and
 # single punctuation marks.
-_WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]|[^\W_]+|\S")
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_WORD = re.compile(f"[{_CJK}]|[^\\W_]+|\\S")
+_CJK_WORD = re.compile(f"[{_CJK}\u3000-\u303f\uff00-\uffef]+")  # (with CJK punctuation and full-width forms)
 
 
 def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:

@@ -34,6 +34,7 @@ class PretrainTask:
     new_head = False  # an LM head, pretrained where the model has one
     predicts = False  # a backbone to fine-tune: it is evaluated (LM loss), never asked for predictions
     token_level = False
+    tag_sequences = False  # (model.crf is for tag sequences: NER)
     outputs = ("jsonl",)
     ranks_labels = False
     main_name = "loss"

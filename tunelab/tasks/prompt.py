@@ -35,6 +35,7 @@ class PromptTask:
     new_head = False  # the LM head is pretrained: its label words are the classifier
     predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = False
+    tag_sequences = False  # (model.crf is for tag sequences: NER)
     outputs = ("jsonl",)
     ranks_labels = True
     main_name = "macro-F1"

@@ -33,6 +33,7 @@ class QATask:
     new_head = True
     predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = True  # (a start and an end logit per token: prompt tuning's virtual tokens would shift them)
+    tag_sequences = False  # (model.crf is for tag sequences: NER)
     outputs = ("jsonl",)
     ranks_labels = False
     main_name = "F1"

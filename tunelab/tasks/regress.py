@@ -19,6 +19,7 @@ class RegressTask:
     new_head = True
     predicts = True  # it makes predictions (tunelab predict, serve)
     token_level = False
+    tag_sequences = False  # (model.crf is for tag sequences: NER)
     outputs = ("jsonl",)
     ranks_labels = False
     main_name = "Pearson r"

@@ -285,7 +285,12 @@ def save_model_folder(out: Path, model, tokenizer, cfg, task) -> None:
         meta.update(adapter=True, virtual_tokens=cfg.tune.virtual_tokens)
 
     def write(folder: Path, m) -> None:
-        m.save_pretrained(str(folder))
+        from tunelab.models import crf
+
+        with crf.detached(m) as chain:  # (the CRF goes beside the transformers weights, not into them)
+            m.save_pretrained(str(folder))
+        if chain is not None:
+            crf.save(chain, folder)
         if adapter and m is model:
             tuning.base_of(model).config.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))

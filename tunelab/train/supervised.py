@@ -18,8 +18,11 @@ from tunelab import peft as tuning
 from tunelab import progress, track
 from tunelab.data import Splits, check_labels, load_splits
 from tunelab.data.batching import collate, epoch_batches, padded_length
+from tunelab.errors import TunelabError
+from tunelab.models import crf
 from tunelab.models import (check_coverage, continue_adapter, head_labels, load_model, load_tokenizer,
                             recompute_activations, resolve_model_path)
+from tunelab.models.trim import trim_vocab
 from tunelab.robust import augmenter_from_config, step_from_config
 from tunelab.tasks import task_type
 from tunelab.train import checkpoint, run
@@ -69,13 +72,24 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
         model, tuned = continue_adapter(path, saved, cfg.task, labels, cfg.tune, cfg.model.dropout)
     else:
         model, tuned = load_model(path, cfg.task, labels, cfg.model.dropout, cfg.model.trust_remote_code), False
-    heads = tuning.head_names(tuning.base_of(model), cfg.task)
-    model = (model if tuned else tuning.apply(model, cfg.tune, cfg.task, path)).to(device)
-    if tc.gradient_checkpointing:
-        recompute_activations(model)
     max_length = min(cfg.model.max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
     kind = task_type(cfg.task)
-    task = kind.build(tokenizer, labels, max_length, kind.options(cfg.data, tuning.base_of(model).config))
+    options = {**kind.options(cfg.data, tuning.base_of(model).config), **({"crf": True} if cfg.model.crf else {})}
+    if cfg.model.trim_vocab:  # (before tuning and the task: both see only the trimmed vocabulary)
+        if saved and saved.get("adapter"):
+            raise TunelabError("model.trim_vocab: an adapter's base model cannot be trimmed; leave the key out")
+        probe = kind.build(tokenizer, labels, max_length, options)
+        tokenizer, trim = trim_vocab(model, tokenizer, probe.encode(splits.train + splits.dev, training=True),
+                                     cfg.model.trim_reserve)
+        log(f"model.trim_vocab: {trim['pieces_before']:,} -> {trim['pieces_after']:,} pieces ({trim['used']:,} "
+            f"used by the training and dev data, {trim['reserve']:,} in reserve)")
+    heads = tuning.head_names(tuning.base_of(model), cfg.task)
+    model = (model if tuned else tuning.apply(model, cfg.tune, cfg.task, path)).to(device)
+    if cfg.model.crf:  # (after tuning: every method trains the CRF)
+        crf.attach(model, labels)
+    if tc.gradient_checkpointing:
+        recompute_activations(model)
+    task = kind.build(tokenizer, labels, max_length, options)
 
     features = task.encode(splits.train, training=True)
     check_coverage(features, tokenizer, cfg.model.name, cfg.model.max_unk_share, warn=log)
@@ -100,7 +114,8 @@ def train(cfg, splits: Splits | None = None, resume: bool = False, overwrite: bo
     # train.epochs=0: no step at all; the model is evaluated as it is (zero-shot prompting, a baseline)
     total_steps = run.step_limit(max(1, math.ceil(tc.epochs * steps_per_epoch)), tc.max_steps) if tc.epochs else 0
     optimizer, scheduler = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, tc.scheduler,
-                                           round(tc.warmup_ratio * total_steps), max(1, total_steps), heads)
+                                           round(tc.warmup_ratio * total_steps), max(1, total_steps), heads,
+                                           {"crf": cfg.model.crf_lr} if cfg.model.crf else None)
     eval_every = tc.eval_every or steps_per_epoch
 
     state = {"step": 0, "epoch": 0, "batch": 0, "history": [], "evals": [], "train_seconds": 0.0, "tokens": 0,
