@@ -303,6 +303,25 @@ def test_msra_sizes():
     assert all(len(w) == 1 for s in sp.train[:200] for w in s.words)  # one character a word
 
 
+def test_peoples_daily_ner():
+    """PKU's nr/ns/nt words as PER/LOC/ORG over characters; a surname and given name (two nr words) are one
+    person; sentences end after 。！？; whole paragraphs go to one split, in file order."""
+    from tunelab.data.packaged import peoples_daily, peoples_daily_sentences
+
+    sp = peoples_daily()
+    assert (len(sp.train), len(sp.dev), len(sp.test)) == (35347, 4222, 4146)
+    assert all(len(w) == 1 for s in sp.train[:500] for w in s.words)
+    assert {t for s in sp.train for t in s.tags} == {"O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"}
+    paragraphs = [max(s.doc for s in part) for part in (sp.train, sp.dev, sp.test)]
+    assert paragraphs == sorted(paragraphs) and max(s.doc for s in sp.train) < min(s.doc for s in sp.dev)
+    line = "中共中央/nt  总书记/n  江/nr  泽民/nr  在/p  北京/ns  讲话/v  。/w  [香港/ns  特区/n]ns  好/a  。/w"
+    first, second = peoples_daily_sentences(line, 0, "x", 1)
+    assert "".join(first.words) == "中共中央总书记江泽民在北京讲话。"
+    assert first.tags == ["B-ORG", "I-ORG", "I-ORG", "I-ORG", "O", "O", "O", "B-PER", "I-PER", "I-PER", "O",
+                          "B-LOC", "I-LOC", "O", "O", "O"]
+    assert second.words == list("香港特区好。") and second.tags[:2] == ["B-LOC", "I-LOC"]
+
+
 def test_builtin_task_mismatch_and_unknown():
     from tunelab.config import load_config
 

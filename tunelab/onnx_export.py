@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.models import crf
 from tunelab.quantize import MIN_AGREEMENT, check_features, check_kind, refuse_unsupported, require_agreement
 
 OPSET = 18
@@ -95,12 +96,18 @@ def export_onnx(model_dir, output, task: str | None = None, texts: list[str] | N
         quantized = _quantize(path, features, reference, t.pad, min_agreement, model_dir) if quantize else None
         plain.config.save_pretrained(str(tmp))
         t.tokenizer.save_pretrained(str(tmp))
+        if getattr(model, "crf", None) is not None:  # (decoding needs its transitions: beside the graph)
+            crf.save(model.crf, tmp)
         doc = {
             "task": t.kind, "labels": list(t.labels), "max_length": t.max_length,
             "inputs": {"input_ids": "int64 (batch, sequence)", "attention_mask": "int64 (batch, sequence)"},
             "outputs": {"logits": "float32 (batch, sequence, labels)" if t.token_level else
                         "float32 (batch, labels)"},
             "opset": OPSET, "parity": parity, "quantized": quantized,
+            **({"crf": {"file": crf.FILE, "decode": "the logits at each word's first sub-token are emission scores: "
+                        "the tags are the best path by Viterbi with transitions[previous, next], start and end "
+                        "added, IOB2 moves only (no I-X first, I-X only after B-X or I-X)"}}
+               if getattr(model, "crf", None) is not None else {}),
             "exported_from": {"folder": str(Path(model_dir).resolve()), "task": task,
                               "tune": pred.meta.get("tune")},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
