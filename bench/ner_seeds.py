@@ -16,9 +16,13 @@ import statistics
 import sys
 from pathlib import Path
 
-from tunelab.config import load_config
-from tunelab.io import atomic_write_json
-from tunelab.train import train
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # this checkout's tunelab (a worktree snapshot), not the one installed in .venv
+    sys.path.insert(0, str(ROOT))
+
+from tunelab.config import load_config  # noqa: E402
+from tunelab.io import atomic_write_json  # noqa: E402
+from tunelab.train import train  # noqa: E402
 
 
 def main():
@@ -38,7 +42,7 @@ def main():
             key = f"{args.tag + ' ' if args.tag else ''}context={ctx} seed={seed}"
             if key in results:  # finished earlier: the script can be re-run after an interruption
                 continue
-            out = Path(args.runs_dir) / f"{args.tag + '_' if args.tag else ''}ctx{ctx}_seed{seed}"
+            out = Path(args.runs_dir) / f"{Path(args.recipe).stem}_{args.tag + '_' if args.tag else ''}ctx{ctx}_seed{seed}"
             cfg = load_config(args.recipe, [f"data.context_sentences={ctx}", f"train.seed={seed}",
                                             f"output_dir={out}", *args.overrides])
             rep = train(cfg, resume=True)

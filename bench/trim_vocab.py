@@ -24,7 +24,7 @@ DEFAULTS = ["data.max_train_examples=3000", "data.max_eval_examples=500", "train
 
 def run_side(recipe: str, trim: bool, out: Path, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "tunelab", "train", recipe, f"model.trim_vocab={str(trim).lower()}",
-           f"output_dir={out}", "--overwrite", *DEFAULTS, *overrides]
+           f"output_dir={out}", *DEFAULTS, *overrides, "--overwrite"]
     print(f"\n=== trim_vocab={trim} ===\n{' '.join(cmd)}", file=sys.stderr, flush=True)
     load_before = os.getloadavg()[0]
     proc = subprocess.Popen(cmd, cwd=str(ROOT))

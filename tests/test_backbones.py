@@ -197,3 +197,26 @@ def test_msra_characters_are_one_piece_each_and_round_trip(e5_tokenizer):
     assert sum(sum(x != -100 for x in f["labels"]) for f in feats) == sum(len(s.words) for s in sentences[:50])
     # English words keep their word-start pieces
     assert word_pieces(e5_tokenizer, [["Berlin"]])[0][0] == e5_tokenizer("Berlin", add_special_tokens=False)["input_ids"]
+
+
+def test_a_trimmed_run_saves_a_consistent_small_folder(tmp_path, conll_dir, tiny_model_dir):
+    """model.trim_vocab in a real run (the tiny BERT's WordPiece vocabulary): the saved folder's vocabulary is
+    the data's pieces plus the reserve, and plain transformers reading it tags as tunelab does."""
+    from transformers import AutoTokenizer
+
+    from conftest import ner_overrides, plain_transformers_tags
+    from tunelab.config import load_config
+    from tunelab.data.conll import read_conll
+    from tunelab.predict import Predictor
+    from tunelab.train import train
+
+    out = tmp_path / "out"
+    report = train(load_config(None, ner_overrides(conll_dir, tiny_model_dir, out, **{
+        "model.trim_vocab": True, "model.trim_reserve": 100})))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    full = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    assert 100 < len(tok) < len(full) / 10
+    test = read_conll(conll_dir / "test.conll")
+    ours = [tags for tags, _ in Predictor(out, "cpu").predict(test)]
+    assert ours == plain_transformers_tags(out, test)
+    assert report["test"]["main"] > 0.5

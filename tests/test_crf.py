@@ -151,9 +151,16 @@ def test_the_predictor_decodes_with_the_saved_transitions(crf_run, tmp_path):
     state["transitions"][labels.index("I-LOC"), labels.index("I-LOC")] = 1e3
     save_file(state, str(rigged / "crf.safetensors"))
     examples, _ = NerTask.text_examples([TextExample("John lives in Paris now", None, "x", 1)])
-    tags = Predictor(rigged, "cpu").predict(examples)[0][0]
+    rigged_pred = Predictor(rigged, "cpu")
+    tags = rigged_pred.predict(examples)[0][0]
     assert tags == ["B-LOC"] + ["I-LOC"] * 4
     assert pred.predict(examples)[0][0] != tags
+    # the server answers through the same decoding
+    from test_serve import live
+
+    with live(rigged_pred) as srv:
+        body = srv.predict({"texts": ["John lives in Paris now"]}).json()
+    assert body["results"][0]["tags"] == tags
     (rigged / "crf.safetensors").unlink()
     with pytest.raises(TunelabError, match="crf.safetensors is missing"):
         Predictor(rigged, "cpu")

