@@ -340,3 +340,22 @@ def test_adversarial_training_on_two_processes(method, tmp_path, conll_dir, tiny
     else:
         losses = [h["loss"] for h in two["history"]]
         assert losses[-1] < losses[0]
+
+
+def test_a_crf_trains_on_two_processes_as_on_one(tmp_path, conll_dir, tiny_model_dir):
+    """model.crf under DDP: the CRF's scores get their gradient outside the model's forward (its loss is
+    formed from the logits), and still all-reduce with the rest: the same losses and transitions as one
+    process."""
+    overrides = lambda out: ner_overrides(conll_dir, tiny_model_dir, out,  # noqa: E731
+                                          **{**SETTINGS, "model.crf": True, "train.epochs": 2})
+    one = train(load_config(None, overrides(tmp_path / "one")))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("task: ner\n")
+    run(accelerate_launch("-m", "tunelab", "train", str(recipe), *overrides(tmp_path / "two")), tmp_path / "two.log")
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["processes"] == 2
+    for x, y in zip([h["loss"] for h in one["history"]], [h["loss"] for h in two["history"]]):
+        assert y == pytest.approx(x, rel=LOSS_RTOL)
+    a, b = load_file(str(tmp_path / "one" / "crf.safetensors")), load_file(str(tmp_path / "two" / "crf.safetensors"))
+    assert a["transitions"].abs().max() > 0.01
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
