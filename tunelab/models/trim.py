@@ -110,9 +110,9 @@ def trim_model(model, tokenizer, keep: list[int]) -> None:
 def trim_vocab(model, tokenizer, features: list[dict], reserve: int):
     """(the trimmed tokenizer, what was kept) for a model whose embeddings are cut in place. `features`: the
     data encoded with the full tokenizer (training and dev)."""
-    keep = keep_ids(tokenizer, used_ids(features), reserve)
-    before = len(tokenizer)
+    used = used_ids(features)
+    keep = keep_ids(tokenizer, used, reserve)
     new_tokenizer = trimmed_tokenizer(tokenizer, keep)
     trim_model(model, new_tokenizer, keep)
-    return new_tokenizer, {"pieces_before": before, "pieces_after": len(keep),
-                           "used": len(used_ids(features)), "reserve": reserve}
+    return new_tokenizer, {"pieces_before": len(tokenizer), "pieces_after": len(keep), "used": len(used),
+                           "reserve": reserve}
